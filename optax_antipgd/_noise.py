@@ -43,9 +43,8 @@ def _noise_std_fn(noise_std: optax.ScalarOrSchedule):
     """Validates ``noise_std`` and returns ``count -> float32 sigma(count)``."""
     if callable(noise_std):
         return lambda count: jnp.asarray(noise_std(count), jnp.float32)
-    if isinstance(noise_std, (str, bytes)) or not jnp.issubdtype(
-        jnp.result_type(noise_std), jnp.number
-    ):
+    is_number = isinstance(noise_std, (int, float, np.ndarray, np.generic, jax.Array))
+    if not is_number or not jnp.issubdtype(jnp.result_type(noise_std), jnp.number):
         raise TypeError(f"noise_std must be a number or a schedule, got {noise_std!r}.")
     if jnp.ndim(noise_std) != 0:
         raise ValueError(

@@ -38,9 +38,7 @@ def check_distribution(distribution: Any) -> str:
 
 
 def _is_typed_key(key: Any) -> bool:
-    return isinstance(key, jax.Array) and jnp.issubdtype(
-        key.dtype, jax.dtypes.prng_key
-    )
+    return isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
 
 
 def _key_shape(impl: Any = None) -> tuple[int, ...]:
@@ -114,7 +112,9 @@ def _rademacher(key: jax.Array, shape: tuple[int, ...], dtype: Any) -> jax.Array
     length = shape[-1] if shape else 1
     num_words = -(-length // _BITS_PER_WORD)
     words = jax.random.bits(key, (*shape[:-1], num_words), jnp.uint32)
-    shifts = jnp.arange(_BITS_PER_WORD, dtype=jnp.uint32)
+    shifts = jnp.arange(_BITS_PER_WORD, dtype=jnp.uint32).reshape(
+        (1,) * words.ndim + (_BITS_PER_WORD,)
+    )
     bits = (words[..., None] >> shifts) & 1
     bits = bits.reshape(*shape[:-1], num_words * _BITS_PER_WORD)[..., :length]
     return jnp.where(bits == 1, -1.0, 1.0).astype(dtype).reshape(shape)
@@ -162,15 +162,19 @@ def tree_noise(
     ``optax.MaskedNode`` nodes are kept. When ``scale`` is 0 the draw is skipped
     and the noise is exactly zero.
     """
-    return jax.lax.cond(
-        scale == 0,
-        lambda: jax.tree.map(_zeros_or_none, tree),
-        lambda: _tree_noise(key, step, tree, scale, distribution),
-    )
+    zeros = lambda: jax.tree.map(_zeros_or_none, tree)  # noqa: E731
+    draw = lambda: _tree_noise(key, step, tree, scale, distribution)  # noqa: E731
+    is_zero = scale == 0
+    if isinstance(is_zero, jax.core.Tracer):
+        return jax.lax.cond(is_zero, zeros, draw)
+    # Outside a trace, cond would compile its fresh branches at every call.
+    return zeros() if is_zero else draw()
 
 
 def _zeros_or_none(leaf):
-    return jnp.zeros(jnp.shape(leaf), jnp.result_type(leaf)) if is_noised(leaf) else None
+    return (
+        jnp.zeros(jnp.shape(leaf), jnp.result_type(leaf)) if is_noised(leaf) else None
+    )
 
 
 def recorded_tree_noise(
