@@ -1,7 +1,8 @@
 """The noise transforms, their states, and the noise-free iterate."""
 
 import math
-from typing import Any, NamedTuple
+from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -48,7 +49,8 @@ def _noise_std_fn(noise_std: optax.ScalarOrSchedule):
         raise TypeError(f"noise_std must be a number or a schedule, got {noise_std!r}.")
     if jnp.ndim(noise_std) != 0:
         raise ValueError(
-            f"noise_std must be a scalar or a schedule, got shape {jnp.shape(noise_std)}."
+            "noise_std must be a scalar or a schedule, "
+            f"got shape {jnp.shape(noise_std)}."
         )
     if not isinstance(noise_std, jax.core.Tracer):
         value = float(np.asarray(noise_std))

@@ -237,7 +237,7 @@ def _run(transform, params, num_steps, jit=True):
     state = transform.init(params)
     out = []
     for i in range(num_steps):
-        grads = jax.tree.map(lambda p: jnp.full_like(p, i), params)
+        grads = jax.tree.map(lambda p, i=i: jnp.full_like(p, i), params)
         updates, state = update(grads, state, params)
         out.append(updates)
     return out, state
