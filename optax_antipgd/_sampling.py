@@ -8,6 +8,7 @@ every other leaf's noise unchanged and every host of a multi-process job draws
 the same numbers.
 """
 
+import functools
 import hashlib
 from typing import Any
 
@@ -186,23 +187,25 @@ def recorded_tree_noise(
 ) -> Any:
     """:func:`tree_noise` with the sampler a state records (an index, maybe traced).
 
-    Only the samplers whose impl has keys of ``raw_key``'s shape are compiled.
+    A traced index compiles the samplers whose impl has keys of ``raw_key``'s
+    shape, and picks one with ``lax.switch``.
     """
+
+    def draw(index):
+        impl, distribution = SAMPLERS[index]
+        key = jax.random.wrap_key_data(raw_key, impl=impl)
+        return tree_noise(key, step, tree, scale, distribution)
+
+    if not isinstance(sampler, jax.core.Tracer):
+        return draw(int(sampler))
     fitting = [
         index
         for index, (impl, _) in enumerate(SAMPLERS)
         if _key_shape(impl) == raw_key.shape
     ]
-    branches = [
-        lambda impl=impl, distribution=distribution: tree_noise(
-            jax.random.wrap_key_data(raw_key, impl=impl),
-            step,
-            tree,
-            scale,
-            distribution,
-        )
-        for impl, distribution in (SAMPLERS[index] for index in fitting)
-    ]
     branch_of_sampler = np.zeros(len(SAMPLERS), np.int32)
     branch_of_sampler[fitting] = np.arange(len(fitting))
-    return jax.lax.switch(jnp.asarray(branch_of_sampler)[sampler], branches)
+    return jax.lax.switch(
+        jnp.asarray(branch_of_sampler)[sampler],
+        [functools.partial(draw, index) for index in fitting],
+    )
