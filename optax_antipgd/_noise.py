@@ -19,24 +19,20 @@ class IndependentNoiseState(NamedTuple):
     key: jax.Array  # uint32 [key size], raw data of the base key.
 
 
-class RegeneratedNoise(NamedTuple):
-    """Marks a leaf whose noise ``store_noise=False`` regenerates from the key."""
-
-
 class AnticorrelatedNoiseState(NamedTuple):
     """State of :func:`add_anticorrelated_noise`.
 
-    ``noise`` has the structure of the params and says which leaves carry
-    noise: at each float leaf the perturbation ``xi_n`` in the leaf's dtype
-    (with ``store_noise=False``, an array-free ``RegeneratedNoise()`` marker:
-    ``xi_n`` is regenerated from ``key``, ``count`` and ``noise_std``); ``None``
-    at int and bool leaves.
+    ``noise`` holds the perturbation ``xi_n`` with the structure of the params:
+    the leaf's dtype at each float leaf, ``None`` at int and bool leaves (which
+    ``init`` decides once, from the params). With ``store_noise=False`` it is
+    ``None``: ``xi_n`` is regenerated from ``key``, ``count`` and
+    ``noise_std``, at the float leaves of the updates.
     """
 
     count: jax.Array  # int32 [], n: the number of updates so far.
     key: jax.Array  # uint32 [key size], raw data of the base key.
     noise_std: jax.Array  # float32 [], sigma(n), the scale of xi_n.
-    noise: optax.Updates  # xi_n, like the params (see above).
+    noise: optax.Updates | None  # xi_n, like the params, or None (see above).
     sampler: jax.Array  # int32 [], index of (key impl, distribution) in SAMPLERS.
 
 
@@ -220,10 +216,7 @@ def add_anticorrelated_noise(
             base_key = jax.random.wrap_key_data(raw_key, impl=impl)
             noise = _sampling.tree_noise(base_key, count, params, std, distribution)
         else:
-            noise = jax.tree.map(
-                lambda p: RegeneratedNoise() if _sampling.is_noised(p) else None,
-                params,
-            )
+            noise = None
         return AnticorrelatedNoiseState(
             count=count,
             key=raw_key,
@@ -237,7 +230,7 @@ def add_anticorrelated_noise(
         base_key = jax.random.wrap_key_data(state.key, impl=impl)
         next_count = optax.safe_increment(state.count)
         next_std = std_at(next_count)
-        noised = _noised_leaves(updates, state.noise)
+        noised = _noised_leaves(updates, state.noise) if store_noise else updates
         next_noise = _sampling.tree_noise(
             base_key, next_count, noised, next_std, distribution
         )
@@ -278,14 +271,10 @@ def _add_difference(update, next_noise, noise):
     return update if next_noise is None else update + (next_noise - noise)
 
 
-def _anticorrelated_states(opt_state: Any) -> list[AnticorrelatedNoiseState]:
-    is_state = lambda x: isinstance(x, AnticorrelatedNoiseState)  # noqa: E731
-    return [s for s in jax.tree.leaves(opt_state, is_leaf=is_state) if is_state(s)]
-
-
-def _is_regenerated(noise: Any) -> bool:
-    is_marker = lambda x: isinstance(x, RegeneratedNoise)  # noqa: E731
-    return any(map(is_marker, jax.tree.leaves(noise, is_leaf=is_marker)))
+def _find(node_type: type, tree: Any) -> list[Any]:
+    """The nodes of type ``node_type`` in ``tree``, outermost first."""
+    is_node = lambda x: isinstance(x, node_type)  # noqa: E731
+    return [x for x in jax.tree.leaves(tree, is_leaf=is_node) if is_node(x)]
 
 
 def denoised_params(opt_state: optax.OptState, params: optax.Params) -> optax.Params:
@@ -300,7 +289,9 @@ def denoised_params(opt_state: optax.OptState, params: optax.Params) -> optax.Pa
     :func:`add_anticorrelated_noise` (inside ``optax.chain``, ``optax.masked``,
     ``optax.inject_hyperparams``, ...). If it contains several, the noise of
     each is removed. With ``store_noise=False`` the noise is regenerated from
-    the key.
+    the key at every float leaf of ``params``; such a state records no mask, so
+    inside ``optax.masked`` (or ``optax.partition``) it is refused: use
+    ``store_noise=True`` there.
 
     Args:
       opt_state: An optimizer state containing an
@@ -312,7 +303,8 @@ def denoised_params(opt_state: optax.OptState, params: optax.Params) -> optax.Pa
       :math:`w_n - \xi_n`, with the structure and dtypes of ``params``.
 
     Raises:
-      ValueError: If ``opt_state`` holds no anticorrelated noise state.
+      ValueError: If ``opt_state`` holds no anticorrelated noise state, or a
+        ``store_noise=False`` one inside ``optax.masked``.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -323,21 +315,23 @@ def denoised_params(opt_state: optax.OptState, params: optax.Params) -> optax.Pa
       >>> ap.denoised_params(state, params)["w"].shape
       (2,)
     """
-    states = _anticorrelated_states(opt_state)
+    states = _find(AnticorrelatedNoiseState, opt_state)
     if not states:
         raise ValueError(
             "opt_state holds no AnticorrelatedNoiseState: denoised_params needs "
             "the state of add_anticorrelated_noise or anti_pgd."
         )
+    masked = _find(AnticorrelatedNoiseState, _find(optax.MaskedState, opt_state))
+    if any(state.noise is None for state in masked):
+        raise ValueError(
+            "denoised_params cannot tell which leaves optax.masked excluded from "
+            "the noise of a store_noise=False state; use store_noise=True."
+        )
     for state in states:
         noise = state.noise
-        if _is_regenerated(noise):
+        if noise is None:
             noise = _sampling.recorded_tree_noise(
-                state.sampler,
-                state.key,
-                state.count,
-                _noised_leaves(params, noise),
-                state.noise_std,
+                state.sampler, state.key, state.count, params, state.noise_std
             )
         params = jax.tree.map(_subtract, params, noise)
     return params

@@ -97,6 +97,11 @@ def sampler_index(impl: Any, distribution: str) -> int:
 
 
 def _leaf_ids(path: Any) -> tuple[np.uint32, np.uint32]:
+    # A boxed leaf (a Flax NNX Variable, a Linen Partitioned) ends in `.value`;
+    # it draws the stream of the bare array, since nnx.Optimizer hands init
+    # the boxes and update the arrays.
+    if path and path[-1] == jax.tree_util.GetAttrKey("value"):
+        path = path[:-1]
     digest = hashlib.blake2b(
         jax.tree_util.keystr(path).encode(), digest_size=8
     ).digest()
