@@ -1,0 +1,188 @@
+"""Flax integration: NNX ``nnx.Optimizer`` and Linen ``TrainState``."""
+
+import chex
+import flax.linen as nn
+import flax.serialization
+import jax
+import jax.numpy as jnp
+import optax
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+from flax.training import train_state
+
+import optax_antipgd as ap
+
+LEARNING_RATE = 0.05
+NUM_STEPS = 40
+
+
+def make_data():
+    x = jax.random.normal(jax.random.key(1), (32, 4))
+    y = jnp.sin(x @ jnp.array([[1.0], [-2.0], [0.5], [1.5]]))
+    return x, y
+
+
+class NnxMLP(nnx.Module):
+    """With a BatchNorm: its batch statistics are not ``nnx.Param``s."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.hidden = nnx.Linear(4, 16, rngs=rngs)
+        self.norm = nnx.BatchNorm(16, rngs=rngs)
+        self.out = nnx.Linear(16, 1, rngs=rngs)
+
+    def __call__(self, x):
+        return self.out(nnx.relu(self.norm(self.hidden(x))))
+
+
+def nnx_loss(model, x, y):
+    return jnp.mean((model(x) - y) ** 2)
+
+
+def make_tx(store_noise=True, noise_std=0.05):
+    return ap.anti_pgd(LEARNING_RATE, noise_std, key=3, store_noise=store_noise)
+
+
+def make_nnx(tx, seed=0):
+    model = NnxMLP(nnx.Rngs(seed))
+    return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+
+@nnx.jit
+def nnx_train_step(model, optimizer, x, y):
+    loss, grads = nnx.value_and_grad(nnx_loss)(model, x, y)
+    optimizer.update(model, grads)
+    return loss, grads
+
+
+def nnx_train(model, optimizer, num_steps):
+    x, y = make_data()
+    return [float(nnx_train_step(model, optimizer, x, y)[0]) for _ in range(num_steps)]
+
+
+def params_of(model):
+    return nnx.as_pure(nnx.state(model, nnx.Param))
+
+
+def nnx_denoised(model, optimizer):
+    """The documented spelling: the pure arrays the optax transform sees."""
+    return ap.denoised_params(nnx.as_pure(optimizer.opt_state), params_of(model))
+
+
+@pytest.mark.parametrize("store_noise", [True, False])
+def test_nnx_optimizer_trains_under_nnx_jit(store_noise):
+    model, optimizer = make_nnx(make_tx(store_noise))
+    losses = nnx_train(model, optimizer, NUM_STEPS)
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert int(optimizer.step[...]) == NUM_STEPS
+    noise_state = nnx.as_pure(optimizer.opt_state)[-1]
+    assert isinstance(noise_state, ap.AnticorrelatedNoiseState)
+    assert int(noise_state.count) == NUM_STEPS
+    # wrt=nnx.Param: only the parameters carry noise, not the batch statistics.
+    if store_noise:
+        chex.assert_trees_all_equal_shapes(noise_state.noise, params_of(model))
+
+    # denoised_params on the NNX state: v_{n+1} = v_n - lr * grad L(w_n), plain
+    # SGD with the gradient taken at the perturbed weights w_n.
+    denoised = nnx_denoised(model, optimizer)
+    _, grads = nnx_train_step(model, optimizer, *make_data())
+    grads = nnx.as_pure(grads)
+    expected = jax.tree.map(lambda v, g: v - LEARNING_RATE * g, denoised, grads)
+    # Float32 rounding of w - lr * g + xi' - xi - xi' against v - lr * g.
+    chex.assert_trees_all_close(nnx_denoised(model, optimizer), expected, atol=1e-6)
+    # ... and the noisy weights are the noise (0.05 per element) away.
+    noisy = params_of(model)
+    assert optax.tree.norm(jax.tree.map(jnp.subtract, noisy, expected)) > 0.2
+
+
+def test_nnx_store_modes_agree():
+    params = {}
+    for store_noise in (True, False):
+        model, optimizer = make_nnx(make_tx(store_noise))
+        nnx_train(model, optimizer, 3)
+        params[store_noise] = params_of(model)
+    chex.assert_trees_all_close(params[True], params[False], atol=1e-6)
+
+
+@pytest.mark.parametrize("store_noise", [True, False])
+def test_nnx_state_checkpoints_with_orbax(tmp_path, store_noise):
+    tx = make_tx(store_noise)
+    model, optimizer = make_nnx(tx)
+    nnx_train(model, optimizer, 3)
+    saved = {"model": nnx.state(model), "optimizer": nnx.state(optimizer)}
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(tmp_path / "state", saved)
+        checkpointer.wait_until_finished()
+    nnx_train(model, optimizer, 3)
+    uninterrupted = nnx.as_pure(nnx.state((model, optimizer)))
+
+    abstract_model, abstract_optimizer = nnx.eval_shape(lambda: make_nnx(tx))
+    target = {
+        "model": nnx.state(abstract_model),
+        "optimizer": nnx.state(abstract_optimizer),
+    }
+    with ocp.StandardCheckpointer() as checkpointer:
+        restored = checkpointer.restore(tmp_path / "state", target)
+    # A model and optimizer built afresh (another seed: every value must come
+    # from the checkpoint), then updated in place from the restored state.
+    model, optimizer = make_nnx(tx, seed=1)
+    nnx.update(model, restored["model"])
+    nnx.update(optimizer, restored["optimizer"])
+    assert int(optimizer.step[...]) == 3
+    nnx_train(model, optimizer, 3)
+    resumed = nnx.as_pure(nnx.state((model, optimizer)))
+    chex.assert_trees_all_equal(resumed, uninterrupted)
+
+
+class LinenMLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(1)(nn.relu(nn.Dense(16)(x)))
+
+
+@jax.jit
+def linen_train_step(state, x, y):
+    def loss_fn(params):
+        return jnp.mean((state.apply_fn({"params": params}, x) - y) ** 2)
+
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    return state.apply_gradients(grads=grads), loss, grads
+
+
+def make_linen_state(store_noise):
+    model = LinenMLP()
+    x, _ = make_data()
+    params = model.init(jax.random.key(0), x)["params"]
+    tx = ap.anti_pgd(LEARNING_RATE, 0.01, key=4, store_noise=store_noise)
+    return train_state.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+
+
+@pytest.mark.parametrize("store_noise", [True, False])
+def test_linen_train_state_trains_under_jit(store_noise):
+    state = make_linen_state(store_noise)
+    x, y = make_data()
+    losses = []
+    for _ in range(NUM_STEPS):
+        denoised = ap.denoised_params(state.opt_state, state.params)
+        state, loss, grads = linen_train_step(state, x, y)
+        losses.append(float(loss))
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert int(state.step) == NUM_STEPS
+    # The last step moved the noise-free iterate by -lr * grad, as in SGD.
+    expected = jax.tree.map(lambda v, g: v - LEARNING_RATE * g, denoised, grads)
+    chex.assert_trees_all_close(
+        ap.denoised_params(state.opt_state, state.params), expected, atol=1e-6
+    )
+
+    # flax.serialization of the whole TrainState, into a fresh one.
+    restored = flax.serialization.from_bytes(
+        make_linen_state(store_noise), flax.serialization.to_bytes(state)
+    )
+    restored = jax.tree.map(jnp.asarray, restored)
+    assert int(restored.step) == NUM_STEPS
+    next_restored, loss_restored, _ = linen_train_step(restored, x, y)
+    next_state, loss, _ = linen_train_step(state, x, y)
+    chex.assert_trees_all_equal(
+        (next_restored.params, next_restored.opt_state, loss_restored),
+        (next_state.params, next_state.opt_state, loss),
+    )
