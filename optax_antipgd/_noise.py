@@ -71,12 +71,22 @@ def add_independent_noise(
     afresh at every step, and :math:`n` is the pre-increment update count. The
     noise of a leaf is a pure function of ``key``, :math:`n` and the leaf's
     path, so adding a leaf leaves the others' noise unchanged and every process
-    of a multi-host job draws the same numbers. A replicated state gives
-    identical noise on every replica.
+    of a multi-host job draws the same numbers.
 
     Noise is drawn in float32 (float64 for float64 leaves), scaled, then cast to
-    the leaf's dtype; int and bool leaves pass through untouched. When
-    :math:`\sigma(n) = 0` the draw is skipped.
+    the leaf's dtype, with the leaf's sharding; int and bool leaves pass through
+    untouched. When :math:`\sigma(n) = 0` the draw is skipped.
+
+    Scaling out: a replicated state (the same ``count`` and ``key`` on every
+    replica, as ``init`` gives) draws identical noise on every replica, so
+    data-parallel replicas that apply the same (``lax.pmean``-ed) gradients
+    stay bit-identical. Under sharded ``jit`` each device draws only its block
+    of the noise, with no communication, and the result does not depend on the
+    number of devices (with the default threefry keys). Inside ``shard_map``
+    each device's block is a whole tree to the transform: with one key every
+    block draws the same noise; for independent blocks, build the optimizer
+    inside the mapped function with
+    ``key=jax.random.fold_in(key, jax.lax.axis_index(axis))``.
 
     Args:
       noise_std: The standard deviation :math:`\sigma` of the noise, a float
@@ -158,11 +168,16 @@ def add_anticorrelated_noise(
     noise and later steps add exactly nothing (the draws are skipped).
 
     By default the state stores :math:`\xi_n`: one params-sized tree in the
-    params' dtypes, sharded like the params. ``store_noise=False`` keeps none
-    and regenerates :math:`\xi_n` from the key (twice the draws, a state of a
-    few bytes); the updates are the same to rounding, also when ``noise_std``
-    changes between steps under :func:`optax.inject_hyperparams`, since the
-    state records the scale of :math:`\xi_n`.
+    params' dtypes, sharded like the params, so each device holds its own
+    block of it. ``store_noise=False`` keeps none and regenerates
+    :math:`\xi_n` from the key (twice the draws, a state of a few bytes); the
+    updates are the same to rounding, also when ``noise_std`` changes between
+    steps under :func:`optax.inject_hyperparams`, since the state records the
+    scale of :math:`\xi_n`.
+
+    Scaling out is as for :func:`add_independent_noise`: a replicated state
+    draws identical noise on every replica, and sharded ``jit`` draws each
+    device's block locally.
 
     Args:
       noise_std: The standard deviation :math:`\sigma` of :math:`\xi`, a float

@@ -15,6 +15,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 DISTRIBUTIONS = ("gaussian", "rademacher")
 
@@ -113,23 +115,39 @@ def _draw_dtype(dtype: Any) -> Any:
     return jnp.float64 if dtype == jnp.float64 else jnp.float32
 
 
-def _rademacher(key: jax.Array, shape: tuple[int, ...], dtype: Any) -> jax.Array:
-    """+-1 from one random bit per element, packed 32 to a word on the last axis."""
+def _rademacher(
+    key: jax.Array, shape: tuple[int, ...], dtype: Any, sharding: Any
+) -> jax.Array:
+    """+-1 from one random bit per element, packed 32 to a word on the last axis.
+
+    The words are drawn with the leaf's sharding but for the last axis, which
+    they keep whole; so a device that holds part of a row computes the row's
+    few words itself, and unpacking them needs no communication.
+    """
     length = shape[-1] if shape else 1
     num_words = -(-length // _BITS_PER_WORD)
-    words = jax.random.bits(key, (*shape[:-1], num_words), jnp.uint32)
+    word_sharding = None
+    if sharding is not None:
+        spec = (*sharding.spec, *(None,) * (len(shape) - len(sharding.spec)))
+        word_sharding = NamedSharding(sharding.mesh, P(*spec[:-1], None))
+    words = jax.random.bits(
+        key, (*shape[:-1], num_words), jnp.uint32, out_sharding=word_sharding
+    )
     shifts = jnp.arange(_BITS_PER_WORD, dtype=jnp.uint32).reshape(
         (1,) * words.ndim + (_BITS_PER_WORD,)
     )
     bits = (words[..., None] >> shifts) & 1
     bits = bits.reshape(*shape[:-1], num_words * _BITS_PER_WORD)[..., :length]
-    return jnp.where(bits == 1, -1.0, 1.0).astype(dtype).reshape(shape)
+    signs = jnp.where(bits == 1, -1.0, 1.0).astype(dtype).reshape(shape)
+    if word_sharding is not None and word_sharding.spec != sharding.spec:
+        signs = jax.reshard(signs, sharding)
+    return signs
 
 
-def _draw(key: jax.Array, shape: tuple[int, ...], dtype: Any, distribution: str):
+def _draw(key, shape, dtype, distribution, sharding):
     if distribution == "gaussian":
-        return jax.random.normal(key, shape, dtype)
-    return _rademacher(key, shape, dtype)
+        return jax.random.normal(key, shape, dtype, out_sharding=sharding)
+    return _rademacher(key, shape, dtype, sharding)
 
 
 def is_noised(leaf: Any) -> bool:
@@ -140,6 +158,28 @@ def is_noised(leaf: Any) -> bool:
     return jnp.issubdtype(dtype, jnp.floating)
 
 
+def _traced_sharding(leaf: Any) -> NamedSharding | None:
+    """A traced leaf's sharding where the trace knows it (explicit mesh axes)."""
+    if not isinstance(leaf, jax.core.Tracer):
+        return None
+    sharding = jax.typeof(leaf).sharding
+    if isinstance(sharding, NamedSharding) and any(sharding.spec):
+        return sharding
+    return None
+
+
+def _placed_like(leaf: Any, noise: jax.Array) -> jax.Array:
+    """Gives noise drawn outside a trace the sharding of its concrete leaf.
+
+    Only leaves spread over several devices are placed: a single-device leaf's
+    noise stays uncommitted, as jax's own eager results are.
+    """
+    is_concrete = isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer)
+    if is_concrete and len(leaf.sharding.device_set) > 1:
+        return jax.device_put(noise, leaf.sharding)
+    return noise
+
+
 def _tree_noise(key, step, tree, scale, distribution):
     step_key = jax.random.fold_in(key, step)
 
@@ -148,9 +188,12 @@ def _tree_noise(key, step, tree, scale, distribution):
             return None
         high, low = _leaf_ids(path)
         leaf_key = jax.random.fold_in(jax.random.fold_in(step_key, high), low)
-        draw_dtype = _draw_dtype(jnp.result_type(leaf))
-        z = _draw(leaf_key, jnp.shape(leaf), draw_dtype, distribution)
-        return (scale.astype(draw_dtype) * z).astype(jnp.result_type(leaf))
+        dtype = jnp.result_type(leaf)
+        draw_dtype = _draw_dtype(dtype)
+        z = _draw(
+            leaf_key, jnp.shape(leaf), draw_dtype, distribution, _traced_sharding(leaf)
+        )
+        return _placed_like(leaf, (scale.astype(draw_dtype) * z).astype(dtype))
 
     return jax.tree.map_with_path(leaf_noise, tree)
 
@@ -164,23 +207,40 @@ def tree_noise(
 ) -> Any:
     """``scale * z_step`` for every float leaf of ``tree``, ``None`` elsewhere.
 
-    ``tree`` may hold arrays or ``jax.ShapeDtypeStruct``s; ``None`` and
-    ``optax.MaskedNode`` nodes are kept. When ``scale`` is 0 the draw is skipped
-    and the noise is exactly zero.
+    ``None`` and ``optax.MaskedNode`` nodes are kept. Each noise leaf has the
+    sharding of its leaf. When ``scale`` is 0 the draw is skipped and the noise
+    is exactly zero.
     """
-    zeros = lambda: jax.tree.map(_zeros_or_none, tree)  # noqa: E731
     draw = lambda: _tree_noise(key, step, tree, scale, distribution)  # noqa: E731
     is_zero = scale == 0
-    if isinstance(is_zero, jax.core.Tracer):
-        return jax.lax.cond(is_zero, zeros, draw)
-    # Outside a trace, cond would compile its fresh branches at every call.
-    return zeros() if is_zero else draw()
-
-
-def _zeros_or_none(leaf):
-    return (
-        jnp.zeros(jnp.shape(leaf), jnp.result_type(leaf)) if is_noised(leaf) else None
+    if not isinstance(is_zero, jax.core.Tracer):
+        # Outside a trace, cond would compile its fresh branches at every call.
+        return jax.tree.map(_zeros_like, tree) if is_zero else draw()
+    # Inside shard_map, a key that differs per device makes the draw vary over
+    # the mesh axes; the zeros must vary alike for the branches to agree.
+    axes = frozenset().union(
+        *(
+            jax.typeof(x).manual_axis_type.varying
+            for x in (jax.random.key_data(key), step, scale)
+        )
     )
+
+    def zeros():
+        zeros_tree = jax.tree.map(_zeros_like, tree)
+        if not axes:
+            return zeros_tree
+        return jax.lax.pcast(zeros_tree, tuple(sorted(axes)), to="varying")
+
+    return jax.lax.cond(is_zero, zeros, draw)
+
+
+def _zeros_like(leaf):
+    if not is_noised(leaf):
+        return None
+    zeros = jnp.zeros(
+        jnp.shape(leaf), jnp.result_type(leaf), out_sharding=_traced_sharding(leaf)
+    )
+    return _placed_like(leaf, zeros)
 
 
 def recorded_tree_noise(
