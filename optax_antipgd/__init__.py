@@ -2,6 +2,7 @@
 
 from optax_antipgd._alias import anti_pgd
 from optax_antipgd._alias import pgd
+from optax_antipgd._hessian import hessian_trace
 from optax_antipgd._noise import AnticorrelatedNoiseState
 from optax_antipgd._noise import IndependentNoiseState
 from optax_antipgd._noise import add_anticorrelated_noise
@@ -17,5 +18,6 @@ __all__ = (
     "add_independent_noise",
     "anti_pgd",
     "denoised_params",
+    "hessian_trace",
     "pgd",
 )
