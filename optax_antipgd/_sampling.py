@@ -10,6 +10,7 @@ the same numbers.
 
 import functools
 import hashlib
+import math
 from typing import Any
 
 import jax
@@ -133,15 +134,55 @@ def _rademacher(
     words = jax.random.bits(
         key, (*shape[:-1], num_words), jnp.uint32, out_sharding=word_sharding
     )
+    signs = _signs(words, shape, dtype)
+    if word_sharding is not None and word_sharding.spec != sharding.spec:
+        signs = jax.reshard(signs, sharding)
+    return signs
+
+
+def _signs(words: jax.Array, shape: tuple[int, ...], dtype: Any) -> jax.Array:
+    """+-1 from packed bits: bit ``j`` of word ``w`` is element ``32w + j``."""
+    length = shape[-1] if shape else 1
     shifts = jnp.arange(_BITS_PER_WORD, dtype=jnp.uint32).reshape(
         (1,) * words.ndim + (_BITS_PER_WORD,)
     )
     bits = (words[..., None] >> shifts) & 1
-    bits = bits.reshape(*shape[:-1], num_words * _BITS_PER_WORD)[..., :length]
-    signs = jnp.where(bits == 1, -1.0, 1.0).astype(dtype).reshape(shape)
-    if word_sharding is not None and word_sharding.spec != sharding.spec:
-        signs = jax.reshard(signs, sharding)
-    return signs
+    bits = bits.reshape(*words.shape[:-1], words.shape[-1] * _BITS_PER_WORD)
+    bits = bits[..., :length]
+    return jnp.where(bits == 1, -1.0, 1.0).astype(dtype).reshape(shape)
+
+
+def _words_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Shape of the packed words of a Rademacher draw of ``shape``."""
+    length = shape[-1] if shape else 1
+    return (*shape[:-1], -(-length // _BITS_PER_WORD))
+
+
+def _normal_from_bits(bits: jax.Array, dtype: Any) -> jax.Array:
+    """``jax.random.normal`` of the key whose ``jax.random.bits`` are ``bits``.
+
+    The same operations in the same order as jax's ``uniform`` on
+    ``[nextafter(-1, 0), 1)`` followed by ``sqrt(2) * erf_inv``, so the result
+    is bit for bit the same (``tests/test_performance_paths.py`` pins it).
+    Used where several leaves' bits are drawn in one batch.
+    """
+    finfo = jnp.finfo(dtype)
+    low = np.nextafter(np.array(-1.0, dtype), np.array(0.0, dtype), dtype=dtype)
+    minval = jax.lax.broadcast_to_rank(
+        jax.lax.convert_element_type(low, dtype), bits.ndim
+    )
+    maxval = jax.lax.broadcast_to_rank(
+        jax.lax.convert_element_type(np.array(1.0, dtype), dtype), bits.ndim
+    )
+    float_bits = jax.lax.shift_right_logical(
+        bits, jnp.array(finfo.bits - finfo.nmant, bits.dtype)
+    )
+    float_bits = jax.lax.bitwise_or(
+        float_bits, jnp.asarray(np.array(1.0, dtype).view(bits.dtype), bits.dtype)
+    )
+    floats = jax.lax.bitcast_convert_type(float_bits, dtype) - jnp.array(1.0, dtype)
+    uniform = jax.lax.max(minval, floats * (maxval - minval) + minval)
+    return jax.lax.mul(np.array(np.sqrt(2), dtype), jax.lax.erf_inv(uniform))
 
 
 def _draw(key, shape, dtype, distribution, sharding):
@@ -180,22 +221,118 @@ def _placed_like(leaf: Any, noise: jax.Array) -> jax.Array:
     return noise
 
 
+# vmap over keys is exact for this impl: a leaf's stream drawn in a batch is
+# bit for bit the stream drawn alone (jax documents it; rbg does not promise it).
+_BATCHED_IMPL = "threefry2x32"
+
+
+def _leaf_keys(step_key: jax.Array, paths: list[Any]) -> list[jax.Array]:
+    """``step_key`` folded with each path's digest: the leaves' keys."""
+    ids = np.array([_leaf_ids(path) for path in paths], np.uint32).reshape(-1, 2)
+
+    def fold(high, low):
+        return jax.random.fold_in(jax.random.fold_in(step_key, high), low)
+
+    if str(jax.random.key_impl(step_key)) != _BATCHED_IMPL or len(paths) < 2:
+        return [fold(high, low) for high, low in ids]
+    # One hash of all the digests instead of two per leaf: threefry lowers to a
+    # loop on CPU, and hundreds of tiny loops dominated the compile time.
+    keys = jax.vmap(fold)(ids[:, 0], ids[:, 1])
+    return [keys[index] for index in range(len(paths))]
+
+
+def _batches_draws(key: jax.Array) -> bool:
+    """Whether same-shaped leaves draw their bits in one batch.
+
+    A batch is one hash over the stacked leaves: one loop to compile instead of
+    one per leaf. But a stacked array has one sharding, and same-shaped leaves
+    sharded differently (q and o projections) would need collectives to be cut
+    out of it; a trace does not always know the shardings, so batch only where
+    no sharding is possible: one device.
+    """
+    return str(jax.random.key_impl(key)) == _BATCHED_IMPL and jax.device_count() == 1
+
+
+def _batch_noise(keys, leaves, scale, distribution):
+    """The noise of same-shaped, same-dtype leaves from one batched draw of bits."""
+    shape, dtype = jnp.shape(leaves[0]), jnp.result_type(leaves[0])
+    draw_dtype = _draw_dtype(dtype)
+    scale = scale.astype(draw_dtype)
+    stacked_keys = jnp.stack(keys)
+    if distribution == "gaussian":
+        word = jnp.uint64 if draw_dtype == jnp.float64 else jnp.uint32
+        bits = jax.vmap(lambda key: jax.random.bits(key, shape, word))(stacked_keys)
+        # The bits stay stacked (on CPU they are a loop's output anyway); each
+        # leaf's transform reads its slice and fuses with the leaf's update.
+        noise = [
+            _normal_from_bits(bits[index], draw_dtype) for index in range(len(keys))
+        ]
+    else:
+        words_shape = _words_shape(shape)
+        words = jax.vmap(lambda key: jax.random.bits(key, words_shape, jnp.uint32))(
+            stacked_keys
+        )
+        noise = [_signs(words[index], shape, draw_dtype) for index in range(len(keys))]
+    return [
+        _placed_like(leaf, (scale * z).astype(dtype))
+        for leaf, z in zip(leaves, noise, strict=True)
+    ]
+
+
+# Elements of random words one batched draw makes at most. On CPU threefry
+# lowers to a loop over its whole output: past the cache, every round streams
+# through memory, and a batch as large as the params steps slower than per-leaf
+# draws. So batches stay cache-sized: most of the compile time saved, none of
+# the step time lost.
+_BATCH_WORDS = 2**17
+
+
+def _chunks(groups, leaves, distribution):
+    """Splits groups of same-shaped leaves into batches of at most _BATCH_WORDS."""
+    for members in groups:
+        shape = jnp.shape(leaves[members[0][0]])
+        words = math.prod(
+            _words_shape(shape) if distribution == "rademacher" else shape
+        )
+        size = max(1, _BATCH_WORDS // max(1, words))
+        for start in range(0, len(members), size):
+            yield members[start : start + size]
+
+
 def _tree_noise(key, step, tree, scale, distribution):
     step_key = jax.random.fold_in(key, step)
-
-    def leaf_noise(path, leaf):
-        if not is_noised(leaf):
-            return None
-        high, low = _leaf_ids(path)
-        leaf_key = jax.random.fold_in(jax.random.fold_in(step_key, high), low)
+    paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    noised = [index for index, (_, leaf) in enumerate(paths_leaves) if is_noised(leaf)]
+    keys = _leaf_keys(step_key, [paths_leaves[index][0] for index in noised])
+    leaves = [leaf for _, leaf in paths_leaves]
+    noise = [None] * len(leaves)
+    groups = {}
+    for index, leaf_key in zip(noised, keys, strict=True):
+        leaf = leaves[index]
+        group = (jnp.shape(leaf), jnp.result_type(leaf))
+        groups.setdefault(group if _batches_draws(key) else index, []).append(
+            (index, leaf_key)
+        )
+    for members in _chunks(groups.values(), leaves, distribution):
+        indices = [index for index, _ in members]
+        if len(members) > 1:
+            batch = _batch_noise(
+                [leaf_key for _, leaf_key in members],
+                [leaves[index] for index in indices],
+                scale,
+                distribution,
+            )
+            for index, leaf_noise in zip(indices, batch, strict=True):
+                noise[index] = leaf_noise
+            continue
+        (index, leaf_key), leaf = members[0], leaves[members[0][0]]
         dtype = jnp.result_type(leaf)
         draw_dtype = _draw_dtype(dtype)
         z = _draw(
             leaf_key, jnp.shape(leaf), draw_dtype, distribution, _traced_sharding(leaf)
         )
-        return _placed_like(leaf, (scale.astype(draw_dtype) * z).astype(dtype))
-
-    return jax.tree.map_with_path(leaf_noise, tree)
+        noise[index] = _placed_like(leaf, (scale.astype(draw_dtype) * z).astype(dtype))
+    return jax.tree.unflatten(treedef, noise)
 
 
 def tree_noise(
