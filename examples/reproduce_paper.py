@@ -43,6 +43,7 @@ import optax_antipgd as ap
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 
 COLORS = {
     "GD": "tab:blue",
@@ -398,6 +399,7 @@ def plot_curves(experiment: Experiment, results: dict, out: pathlib.Path) -> Non
             )
         if panel == "trajectory":
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             ax.set_xlabel("‖u‖ (seed 0; dot: the end)")
             ax.set_ylabel("v")
             continue
