@@ -125,14 +125,12 @@ def _rademacher(
     they keep whole; so a device that holds part of a row computes the row's
     few words itself, and unpacking them needs no communication.
     """
-    length = shape[-1] if shape else 1
-    num_words = -(-length // _BITS_PER_WORD)
     word_sharding = None
     if sharding is not None:
         spec = (*sharding.spec, *(None,) * (len(shape) - len(sharding.spec)))
         word_sharding = NamedSharding(sharding.mesh, P(*spec[:-1], None))
     words = jax.random.bits(
-        key, (*shape[:-1], num_words), jnp.uint32, out_sharding=word_sharding
+        key, _words_shape(shape), jnp.uint32, out_sharding=word_sharding
     )
     signs = _signs(words, shape, dtype)
     if word_sharding is not None and word_sharding.spec != sharding.spec:
