@@ -15,7 +15,8 @@ the machine hits them alike; the table gives the median of the rounds (each
 call ends with ``block_until_ready``) and ratios of medians of the same run.
 
     python benchmarks/update_step.py            # 10M params; writes RESULTS.md
-    python benchmarks/update_step.py --quick    # seconds: small trees, printed
+    python benchmarks/update_step.py --quick    # smoke run, tiny trees: ~1 min,
+                                                # nearly all compiling; printed
     python benchmarks/update_step.py --size 100_000_000 --output gpu.md
 """
 
@@ -247,7 +248,9 @@ def main(argv=None):
     parser.add_argument("--compile-repeats", type=int, default=None)
     parser.add_argument("--trees", default="abc", help="subset of 'abc'")
     parser.add_argument("--only", nargs="*", default=None, help="candidate names")
-    parser.add_argument("--quick", action="store_true", help="a smoke run: seconds")
+    parser.add_argument(
+        "--quick", action="store_true", help="a smoke run on tiny trees"
+    )
     parser.add_argument(
         "--output", default=None, help=f"markdown file (default: {RESULTS})"
     )
@@ -257,8 +260,8 @@ def main(argv=None):
         leaves = min(args.leaves, 4)
         repeats, compile_repeats = args.repeats or 5, args.compile_repeats or 1
         # Compiling dominates a smoke run: keep the leaves few.
-        resnet = resnet50_like((size / 25_557_032) ** 0.5, blocks=(1,))
-        resnet_name = "ResNet-50's stem, first block and head"
+        resnet = resnet50_like((size / 25_557_032) ** 0.5, blocks=())
+        resnet_name = "ResNet-50's stem and head"
     else:
         size = int(args.size or 10_000_000)
         leaves = args.leaves
