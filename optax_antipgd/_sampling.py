@@ -231,12 +231,16 @@ def _leaf_keys(step_key: jax.Array, paths: list[Any]) -> list[jax.Array]:
     def fold(high, low):
         return jax.random.fold_in(jax.random.fold_in(step_key, high), low)
 
-    if str(jax.random.key_impl(step_key)) != _BATCHED_IMPL or len(paths) < 2:
+    if not _has_batched_impl(step_key) or len(paths) < 2:
         return [fold(high, low) for high, low in ids]
     # One hash of all the digests instead of two per leaf: threefry lowers to a
     # loop on CPU, and hundreds of tiny loops dominated the compile time.
     keys = jax.vmap(fold)(ids[:, 0], ids[:, 1])
     return [keys[index] for index in range(len(paths))]
+
+
+def _has_batched_impl(key: jax.Array) -> bool:
+    return str(jax.random.key_impl(key)) == _BATCHED_IMPL
 
 
 def _batches_draws(key: jax.Array) -> bool:
@@ -248,7 +252,7 @@ def _batches_draws(key: jax.Array) -> bool:
     out of it; a trace does not always know the shardings, so batch only where
     no sharding is possible: one device.
     """
-    return str(jax.random.key_impl(key)) == _BATCHED_IMPL and jax.device_count() == 1
+    return _has_batched_impl(key) and jax.device_count() == 1
 
 
 def _batch_noise(keys, leaves, scale, distribution):
@@ -304,13 +308,12 @@ def _tree_noise(key, step, tree, scale, distribution):
     keys = _leaf_keys(step_key, [paths_leaves[index][0] for index in noised])
     leaves = [leaf for _, leaf in paths_leaves]
     noise = [None] * len(leaves)
+    batches = _batches_draws(key)
     groups = {}
     for index, leaf_key in zip(noised, keys, strict=True):
         leaf = leaves[index]
         group = (jnp.shape(leaf), jnp.result_type(leaf))
-        groups.setdefault(group if _batches_draws(key) else index, []).append(
-            (index, leaf_key)
-        )
+        groups.setdefault(group if batches else index, []).append((index, leaf_key))
     for members in _chunks(groups.values(), leaves, distribution):
         indices = [index for index, _ in members]
         if len(members) > 1:
