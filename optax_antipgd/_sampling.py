@@ -19,6 +19,8 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from optax_antipgd import _threefry
+
 DISTRIBUTIONS = ("gaussian", "rademacher")
 
 # The key impls whose noise ``denoised_params`` can regenerate from a state,
@@ -162,7 +164,7 @@ def _normal_from_bits(bits: jax.Array, dtype: Any) -> jax.Array:
     The same operations in the same order as jax's ``uniform`` on
     ``[nextafter(-1, 0), 1)`` followed by ``sqrt(2) * erf_inv``, so the result
     is bit for bit the same (``tests/test_performance_paths.py`` pins it).
-    Used where several leaves' bits are drawn in one batch.
+    Used where the bits are hashed by ``_threefry``.
     """
     finfo = jnp.finfo(dtype)
     low = np.nextafter(np.array(-1.0, dtype), np.array(0.0, dtype), dtype=dtype)
@@ -243,97 +245,120 @@ def _has_batched_impl(key: jax.Array) -> bool:
     return str(jax.random.key_impl(key)) == _BATCHED_IMPL
 
 
-def _batches_draws(key: jax.Array) -> bool:
-    """Whether same-shaped leaves draw their bits in one batch.
+def _draws_in_loops(key: jax.Array) -> bool:
+    """Whether same-shaped leaves draw their noise in one loop (:func:`_group_draws`).
 
-    A batch is one hash over the stacked leaves: one loop to compile instead of
-    one per leaf. But a stacked array has one sharding, and same-shaped leaves
-    sharded differently (q and o projections) would need collectives to be cut
-    out of it; a trace does not always know the shardings, so batch only where
-    no sharding is possible: one device.
+    Where jax lowers threefry to a loop over the whole output (CPU) and no
+    sharding is possible (one device): a stacked draw has one sharding, and
+    same-shaped leaves sharded differently would need collectives to be cut
+    out of it. Elsewhere each leaf draws with ``jax.random``.
     """
-    return _has_batched_impl(key) and jax.device_count() == 1
+    return (
+        _has_batched_impl(key)
+        and jax.config.jax_threefry_partitionable
+        and jax.default_backend() == "cpu"
+        and jax.device_count() == 1
+    )
 
 
-def _batch_noise(keys, leaves, scale, distribution):
-    """The noise of same-shaped, same-dtype leaves from one batched draw of bits."""
-    shape, dtype = jnp.shape(leaves[0]), jnp.result_type(leaves[0])
-    draw_dtype = _draw_dtype(dtype)
-    scale = scale.astype(draw_dtype)
-    stacked_keys = jnp.stack(keys)
-    if distribution == "gaussian":
-        word = jnp.uint64 if draw_dtype == jnp.float64 else jnp.uint32
-        bits = jax.vmap(lambda key: jax.random.bits(key, shape, word))(stacked_keys)
-        # The bits stay stacked (on CPU they are a loop's output anyway); each
-        # leaf's transform reads its slice and fuses with the leaf's update.
-        noise = [
-            _normal_from_bits(bits[index], draw_dtype) for index in range(len(keys))
-        ]
-    else:
-        words_shape = _words_shape(shape)
-        words = jax.vmap(lambda key: jax.random.bits(key, words_shape, jnp.uint32))(
-            stacked_keys
-        )
-        noise = [_signs(words[index], shape, draw_dtype) for index in range(len(keys))]
-    return [
-        _placed_like(leaf, (scale * z).astype(dtype))
-        for leaf, z in zip(leaves, noise, strict=True)
-    ]
+# Elements one iteration of a draw loop hashes: a chunk stays in cache, and is
+# large enough for the loop's overhead not to show.
+_CHUNK = 2**16
 
 
-# Elements of random words one batched draw makes at most. On CPU threefry
-# lowers to a loop over its whole output: past the cache, every round streams
-# through memory, and a batch as large as the params steps slower than per-leaf
-# draws. So batches stay cache-sized: most of the compile time saved, none of
-# the step time lost.
-_BATCH_WORDS = 2**17
+def _group_draws(keys, shape, dtype, scale, distribution):
+    """``scale * z`` of same-shaped leaves, stacked, from one loop over their counters.
+
+    ``keys`` are the leaves' raw keys, stacked. Each iteration hashes a
+    cache-sized chunk of one leaf's counters and transforms it, all in one
+    fusion (``_threefry``); the loop's output is the one buffer the draw is
+    written to, so noise read twice (the update, the stored state) is hashed
+    once, and the hash is compiled once per group, not once per leaf. When
+    ``scale`` is 0 the loop runs no iteration: the noise is the zeros it
+    starts from, and nothing is hashed. Returns scaled normals of ``dtype``,
+    or for Rademacher the packed words (unscaled).
+
+    The scale multiplies the normals in the loop, in the same fusion as the
+    transform: XLA folds ``scale * (sqrt(2) * erf_inv(u))`` there as it does
+    for a ``jax.random.normal`` draw, so the two agree bit for bit.
+    """
+    gaussian = distribution == "gaussian"
+    out_shape = shape if gaussian else _words_shape(shape)
+    out_dtype = dtype if gaussian else jnp.uint32
+    size = math.prod(out_shape)
+    if size == 0:
+        return jnp.zeros((len(keys), *out_shape), out_dtype)
+    chunk = min(size, _CHUNK)
+    num_chunks = -(-size // chunk)
+
+    def draw_chunk(index, draws):
+        key = keys[index // num_chunks]
+        start = (index % num_chunks).astype(jnp.uint32) * np.uint32(chunk)
+        counters = start + jax.lax.iota(jnp.uint32, chunk)
+        if gaussian:
+            bits = _threefry.bits(key, counters, _word(dtype))
+            values = scale.astype(dtype) * _normal_from_bits(bits, dtype)
+        else:
+            values = _threefry.bits(key, counters, jnp.uint32)
+        return jax.lax.dynamic_update_index_in_dim(draws, values, index, 0)
+
+    total = len(keys) * num_chunks
+    zeros = _varying(jnp.zeros((total, chunk), out_dtype), keys, scale)
+    iterations = jnp.where(scale == 0, 0, total)
+    draws = jax.lax.fori_loop(0, iterations, draw_chunk, zeros)
+    draws = draws.reshape(len(keys), num_chunks * chunk)[:, :size]
+    return draws.reshape(len(keys), *out_shape)
 
 
-def _chunks(groups, leaves, distribution):
-    """Splits groups of same-shaped leaves into batches of at most _BATCH_WORDS."""
-    for members in groups:
-        shape = jnp.shape(leaves[members[0][0]])
-        words = math.prod(
-            _words_shape(shape) if distribution == "rademacher" else shape
-        )
-        size = max(1, _BATCH_WORDS // max(1, words))
-        for start in range(0, len(members), size):
-            yield members[start : start + size]
+def _varying(value: Any, *sources: jax.Array) -> Any:
+    """``value``, varying over the shard_map axes that any of ``sources`` varies over.
+
+    Inside shard_map, a key that differs per device makes a draw vary over the
+    mesh axes; zeros standing in for it must vary alike.
+    """
+    axes = frozenset().union(*(jax.typeof(x).manual_axis_type.varying for x in sources))
+    if not axes:
+        return value
+    return jax.lax.pcast(value, tuple(sorted(axes)), to="varying")
+
+
+def _word(dtype: Any) -> Any:
+    return jnp.uint64 if dtype == jnp.float64 else jnp.uint32
 
 
 def _tree_noise(key, step, tree, scale, distribution):
     step_key = jax.random.fold_in(key, step)
     paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
-    noised = [index for index, (_, leaf) in enumerate(paths_leaves) if is_noised(leaf)]
-    keys = _leaf_keys(step_key, [paths_leaves[index][0] for index in noised])
     leaves = [leaf for _, leaf in paths_leaves]
+    noised = [index for index, leaf in enumerate(leaves) if is_noised(leaf)]
+    keys = _leaf_keys(step_key, [paths_leaves[index][0] for index in noised])
     noise = [None] * len(leaves)
-    batches = _batches_draws(key)
+    in_loops = _draws_in_loops(key)
     groups = {}
     for index, leaf_key in zip(noised, keys, strict=True):
         leaf = leaves[index]
-        group = (jnp.shape(leaf), jnp.result_type(leaf))
-        groups.setdefault(group if batches else index, []).append((index, leaf_key))
-    for members in _chunks(groups.values(), leaves, distribution):
-        indices = [index for index, _ in members]
-        if len(members) > 1:
-            batch = _batch_noise(
-                [leaf_key for _, leaf_key in members],
-                [leaves[index] for index in indices],
-                scale,
-                distribution,
-            )
-            for index, leaf_noise in zip(indices, batch, strict=True):
-                noise[index] = leaf_noise
-            continue
-        (index, leaf_key), leaf = members[0], leaves[members[0][0]]
-        dtype = jnp.result_type(leaf)
-        draw_dtype = _draw_dtype(dtype)
-        z = _draw(
-            leaf_key, jnp.shape(leaf), draw_dtype, distribution, _traced_sharding(leaf)
-        )
-        noise[index] = _placed_like(leaf, (scale.astype(draw_dtype) * z).astype(dtype))
+        shape, dtype = jnp.shape(leaf), _draw_dtype(jnp.result_type(leaf))
+        if in_loops and math.prod(shape) < _threefry.MAX_SIZE:
+            groups.setdefault((shape, dtype), []).append((index, leaf_key))
+        else:
+            z = _draw(leaf_key, shape, dtype, distribution, _traced_sharding(leaf))
+            noise[index] = _scaled(leaf, scale, z)
+    for (shape, dtype), members in groups.items():
+        indices, group_keys = zip(*members, strict=True)
+        keys_data = jax.random.key_data(jnp.stack(group_keys))
+        draws = _group_draws(keys_data, shape, dtype, scale, distribution)
+        for row, index in enumerate(indices):
+            if distribution == "gaussian":
+                noise[index] = draws[row].astype(jnp.result_type(leaves[index]))
+            else:
+                z = _signs(draws[row], shape, dtype)
+                noise[index] = _scaled(leaves[index], scale, z)
     return jax.tree.unflatten(treedef, noise)
+
+
+def _scaled(leaf, scale, z):
+    """``scale * z`` in the draw dtype, cast to the leaf's dtype, placed like it."""
+    return _placed_like(leaf, (scale.astype(z.dtype) * z).astype(jnp.result_type(leaf)))
 
 
 def tree_noise(
@@ -354,20 +379,18 @@ def tree_noise(
     if not isinstance(is_zero, jax.core.Tracer):
         # Outside a trace, cond would compile its fresh branches at every call.
         return jax.tree.map(_zeros_like, tree) if is_zero else draw()
-    # Inside shard_map, a key that differs per device makes the draw vary over
-    # the mesh axes; the zeros must vary alike for the branches to agree.
-    axes = frozenset().union(
-        *(
-            jax.typeof(x).manual_axis_type.varying
-            for x in (jax.random.key_data(key), step, scale)
-        )
-    )
+    if _draws_in_loops(key) and all(
+        math.prod(jnp.shape(leaf)) < _threefry.MAX_SIZE
+        for leaf in jax.tree.leaves(tree)
+        if is_noised(leaf)
+    ):
+        # Every leaf is drawn by a loop, which runs no iteration at scale 0;
+        # unlike a cond, that leaves the updates to fuse with the zeros.
+        return draw()
 
     def zeros():
         zeros_tree = jax.tree.map(_zeros_like, tree)
-        if not axes:
-            return zeros_tree
-        return jax.lax.pcast(zeros_tree, tuple(sorted(axes)), to="varying")
+        return _varying(zeros_tree, jax.random.key_data(key), step, scale)
 
     return jax.lax.cond(is_zero, zeros, draw)
 

@@ -2,8 +2,9 @@
 
 The noise law of a leaf: ``z_n = draw(fold_in(fold_in(fold_in(key, n), high),
 low))`` with ``(high, low)`` the blake2b digest of the leaf's ``keystr`` path.
-The library batches the hashes and the draws of same-shaped leaves, and skips
-the draw when the scale is 0; these tests pin that neither changes one bit.
+The library batches the hashes of the leaves' keys, draws same-shaped leaves
+in one loop with the threefry hash written out (``_threefry``), and skips the
+draw when the scale is 0; these tests pin that none of it changes one bit.
 """
 
 import hashlib
@@ -20,6 +21,7 @@ import pytest
 
 import optax_antipgd as ap
 from optax_antipgd import _sampling
+from optax_antipgd import _threefry
 
 
 def _reference_leaf_noise(key, step, path, leaf, scale, distribution):
@@ -90,13 +92,18 @@ _KEYS = {
 
 @pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
 @pytest.mark.parametrize("impl", list(_KEYS))
-@pytest.mark.parametrize("batched", [True, False])
+@pytest.mark.parametrize("path", ["loops", "small chunks", "per leaf"])
 def test_tree_noise_is_bit_identical_to_the_per_leaf_definition(
-    distribution, impl, batched, monkeypatch
+    distribution, impl, path, monkeypatch
 ):
-    # Batched: as on one device (threefry keys batch, others never); else per
-    # leaf, as on several devices. The suite may run with 8 CPU devices.
-    monkeypatch.setattr(jax, "device_count", lambda: 1 if batched else 8)
+    # Loops: as on one CPU device (threefry keys draw in loops, others never);
+    # small chunks: leaves split over several iterations, and those past the
+    # size cap drawn by jax; per leaf: as on several devices. The suite may run
+    # with 8 CPU devices.
+    monkeypatch.setattr(jax, "device_count", lambda: 8 if path == "per leaf" else 1)
+    if path == "small chunks":
+        monkeypatch.setattr(_sampling, "_CHUNK", 64)
+        monkeypatch.setattr(_threefry, "MAX_SIZE", 200)
     key, tree = _KEYS[impl](), _tree()
     noise = jax.jit(
         lambda key, step, scale: _sampling.tree_noise(
@@ -115,16 +122,21 @@ def test_tree_noise_is_bit_identical_to_the_per_leaf_definition(
         _assert_bitwise_equal(noise(*args), reference(*args))
 
 
-def test_only_threefry_keys_on_one_device_batch_their_draws(monkeypatch):
+def test_only_threefry_keys_on_one_cpu_device_draw_in_loops(monkeypatch):
     threefry, rbg = jax.random.key(0), jax.random.key(0, impl="rbg")
     monkeypatch.setattr(jax, "device_count", lambda: 1)
-    assert _sampling._batches_draws(threefry)
-    assert not _sampling._batches_draws(rbg)
+    assert _sampling._draws_in_loops(threefry)
+    assert not _sampling._draws_in_loops(rbg)
+    with jax.threefry_partitionable(False):  # jax's bits then follow another law
+        assert not _sampling._draws_in_loops(threefry)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert not _sampling._draws_in_loops(threefry)
+    monkeypatch.undo()
     monkeypatch.setattr(jax, "device_count", lambda: 2)
-    assert not _sampling._batches_draws(threefry)
+    assert not _sampling._draws_in_loops(threefry)
 
 
-def test_same_shaped_leaves_are_drawn_in_one_batch_on_one_device(monkeypatch):
+def test_same_shaped_leaves_are_drawn_in_one_loop_on_one_device(monkeypatch):
     monkeypatch.setattr(jax, "device_count", lambda: 1)
     tree = [jnp.zeros((8, 8)) for _ in range(6)]
     hlo = (
@@ -136,7 +148,27 @@ def test_same_shaped_leaves_are_drawn_in_one_batch_on_one_device(monkeypatch):
         .lower(jax.random.key(0))
         .as_text()
     )
-    assert "tensor<6x8x8xui32>" in hlo
+    # The loop's stacked output: 6 leaves of one 64-element chunk each.
+    assert "tensor<6x64xf32>" in hlo
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("shape", [(), (1,), (5, 33), (2, 3, 64), (0, 4)])
+def test_written_out_threefry_is_jax_random_bits(seed, shape):
+    key = jax.random.fold_in(jax.random.key(seed), 11)
+    size = int(np.prod(shape))
+    counters = jax.lax.iota(jnp.uint32, size).reshape(shape)
+    bits = jax.jit(_threefry.bits, static_argnums=2)
+    expected = jax.random.bits(key, shape, jnp.uint32)
+    _assert_bitwise_equal(
+        bits(jax.random.key_data(key), counters, jnp.uint32), expected
+    )
+    # Any window of the counters: the elements at those flat indices.
+    window = jnp.arange(size // 2, size, dtype=jnp.uint32)
+    _assert_bitwise_equal(
+        bits(jax.random.key_data(key), window, jnp.uint32),
+        expected.reshape(-1)[size // 2 :],
+    )
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -150,20 +182,24 @@ def test_normal_from_bits_is_jax_random_normal(seed, shape):
     )
 
 
-def test_float64_batches_are_bit_identical_to_the_per_leaf_definition():
+def test_float64_loops_are_bit_identical_to_the_per_leaf_definition():
     # x64 is a process-wide switch: check it in a fresh interpreter.
     script = textwrap.dedent(
         """
         import jax, jax.numpy as jnp, numpy as np
-        from optax_antipgd import _sampling
+        from optax_antipgd import _sampling, _threefry
         from tests.test_performance_paths import _reference_tree_noise
-        jax.device_count = lambda: 1  # batch, even where XLA_FLAGS fakes devices
+        jax.device_count = lambda: 1  # loops, even where XLA_FLAGS fakes devices
         tree = [jnp.zeros((3, 33), jnp.float64) for _ in range(3)] + [jnp.zeros(())]
         key = jax.random.key(1)
         bits = jax.random.bits(key, (9, 70), jnp.uint64)
         assert np.array_equal(
             _sampling._normal_from_bits(bits, jnp.float64),
             jax.random.normal(key, (9, 70), jnp.float64),
+        )
+        counters = jax.lax.iota(jnp.uint32, 630).reshape(9, 70)
+        assert np.array_equal(
+            _threefry.bits(jax.random.key_data(key), counters, jnp.uint64), bits
         )
         for distribution in ("gaussian", "rademacher"):
             noise = jax.jit(lambda k: _sampling.tree_noise(
