@@ -61,6 +61,7 @@ def _tree():
     return {
         "scalar": jnp.zeros(()),
         "vector": jnp.zeros((33,)),
+        "prime": jnp.zeros((197,)),  # no divisor between chunk / 2 and chunk
         "empty": jnp.zeros((0, 5)),
         "layers": [jnp.zeros((7, 65)) for _ in range(5)],
         "pair": (jnp.zeros((3, 2, 31)), jnp.zeros((3, 2, 31))),
@@ -97,13 +98,13 @@ def test_tree_noise_is_bit_identical_to_the_per_leaf_definition(
     distribution, impl, path, monkeypatch
 ):
     # Loops: as on one CPU device (threefry keys draw in loops, others never);
-    # small chunks: leaves split over several iterations, and those past the
-    # size cap drawn by jax; per leaf: as on several devices. The suite may run
-    # with 8 CPU devices.
+    # small chunks: leaves split over several iterations (whole chunks or the
+    # last one padded), and those past the size cap drawn by jax; per leaf: as
+    # on several devices. The suite may run with 8 CPU devices.
     monkeypatch.setattr(jax, "device_count", lambda: 8 if path == "per leaf" else 1)
     if path == "small chunks":
         monkeypatch.setattr(_sampling, "_CHUNK", 64)
-        monkeypatch.setattr(_threefry, "MAX_SIZE", 200)
+        monkeypatch.setattr(_threefry, "MAX_SIZE", 300)
     key, tree = _KEYS[impl](), _tree()
     noise = jax.jit(
         lambda key, step, scale: _sampling.tree_noise(
