@@ -262,7 +262,9 @@ def _draws_in_loops(key: jax.Array) -> bool:
 
 
 # Elements one iteration of a draw loop hashes: a chunk stays in cache, and is
-# large enough for the loop's overhead not to show.
+# large enough for the loop's overhead not to show. (XLA CPU runs a loop body
+# on one thread, as it does jax's own threefry loop; benchmarks/RESULTS.md
+# weighs that against per-leaf fusions, which compile once per leaf.)
 _CHUNK = 2**16
 
 
