@@ -239,7 +239,11 @@ def train(args) -> None:
         print(f"denoised loss {final_denoised_loss:.6f}")
         if args.steps > 1:
             print(f"{(args.steps - 1) / seconds:.1f} steps/s after compilation")
-    print(f"process {jax.process_index()}: params sha256 {digest.hexdigest()[:16]}")
+    # One write per line, flushed: the processes share the launcher's stdout.
+    sys.stdout.write(
+        f"process {jax.process_index()}: params sha256 {digest.hexdigest()[:16]}\n"
+    )
+    sys.stdout.flush()
     if distributed:
         jax.distributed.shutdown()
 
