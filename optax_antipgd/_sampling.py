@@ -287,6 +287,7 @@ def _group_draws(keys, shape, dtype, scale, distribution):
     gaussian = distribution == "gaussian"
     out_shape = shape if gaussian else _words_shape(shape)
     out_dtype = dtype if gaussian else jnp.uint32
+    word = _word(dtype) if gaussian else jnp.uint32
     size = math.prod(out_shape)
     if size == 0:
         return jnp.zeros((len(keys), *out_shape), out_dtype)
@@ -297,11 +298,9 @@ def _group_draws(keys, shape, dtype, scale, distribution):
         key = keys[index // num_chunks]
         start = (index % num_chunks).astype(jnp.uint32) * np.uint32(chunk)
         counters = start + jax.lax.iota(jnp.uint32, chunk)
+        values = _threefry.bits(key, counters, word)
         if gaussian:
-            bits = _threefry.bits(key, counters, _word(dtype))
-            values = scale.astype(dtype) * _normal_from_bits(bits, dtype)
-        else:
-            values = _threefry.bits(key, counters, jnp.uint32)
+            values = scale.astype(dtype) * _normal_from_bits(values, dtype)
         return jax.lax.dynamic_update_index_in_dim(draws, values, index, 0)
 
     total = len(keys) * num_chunks
@@ -310,6 +309,11 @@ def _group_draws(keys, shape, dtype, scale, distribution):
     draws = jax.lax.fori_loop(0, iterations, draw_chunk, zeros)
     draws = draws.reshape(len(keys), num_chunks * chunk)[:, :size]
     return draws.reshape(len(keys), *out_shape)
+
+
+def _fits_a_loop(leaf: Any) -> bool:
+    """Whether a leaf is small enough for the loop's 32-bit counters."""
+    return math.prod(jnp.shape(leaf)) < _threefry.MAX_SIZE
 
 
 def _chunk_size(size: int) -> int:
@@ -355,7 +359,7 @@ def _tree_noise(key, step, tree, scale, distribution):
     for index, leaf_key in zip(noised, keys, strict=True):
         leaf = leaves[index]
         shape, dtype = jnp.shape(leaf), _draw_dtype(jnp.result_type(leaf))
-        if in_loops and math.prod(shape) < _threefry.MAX_SIZE:
+        if in_loops and _fits_a_loop(leaf):
             groups.setdefault((shape, dtype), []).append((index, leaf_key))
         else:
             z = _draw(leaf_key, shape, dtype, distribution, _traced_sharding(leaf))
@@ -397,9 +401,7 @@ def tree_noise(
         # Outside a trace, cond would compile its fresh branches at every call.
         return jax.tree.map(_zeros_like, tree) if is_zero else draw()
     if _draws_in_loops(key) and all(
-        math.prod(jnp.shape(leaf)) < _threefry.MAX_SIZE
-        for leaf in jax.tree.leaves(tree)
-        if is_noised(leaf)
+        _fits_a_loop(leaf) for leaf in jax.tree.leaves(tree) if is_noised(leaf)
     ):
         # Every leaf is drawn by a loop, which runs no iteration at scale 0;
         # unlike a cond, that leaves the updates to fuse with the zeros.
