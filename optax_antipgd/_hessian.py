@@ -7,7 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optax_antipgd import _sampling
+from optax_antipgd import _keys
+from optax_antipgd import _trees
 
 
 def _check_count(name: str, value: Any) -> int:
@@ -16,13 +17,6 @@ def _check_count(name: str, value: Any) -> int:
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value!r}.")
     return int(value)
-
-
-def _is_float(leaf: Any) -> bool:
-    dtype = jnp.result_type(leaf)
-    if jnp.issubdtype(dtype, jnp.complexfloating):
-        raise TypeError(f"params: complex leaves are not supported, got dtype {dtype}.")
-    return bool(jnp.issubdtype(dtype, jnp.floating))
 
 
 def hessian_trace(
@@ -101,11 +95,11 @@ def hessian_trace(
         batch_size = min(_check_count("batch_size", batch_size), num_samples)
     if not callable(fn):
         raise TypeError(f"fn must be a callable returning a scalar, got {fn!r}.")
-    impl = _sampling.key_impl(key)
-    base_key = jax.random.wrap_key_data(_sampling.key_data(key), impl=impl)
+    base_key = _keys.typed_key(key)
 
-    leaves, treedef = jax.tree.flatten(params)
-    is_float = [_is_float(leaf) for leaf in leaves]
+    paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    leaves = [leaf for _, leaf in paths_leaves]
+    is_float = [_trees.is_float(leaf, path) for path, leaf in paths_leaves]
     float_leaves = [leaf for leaf, f in zip(leaves, is_float, strict=True) if f]
 
     def fn_of_float_leaves(floats):
