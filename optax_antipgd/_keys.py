@@ -77,7 +77,8 @@ def key_data(key: Any) -> jax.Array:
 
 def typed_key(key: Any) -> jax.Array:
     """A typed key of the impl :func:`key_impl` finds, from any accepted key."""
-    return jax.random.wrap_key_data(key_data(key), impl=key_impl(key))
+    impl = key_impl(key)  # validates first
+    return jax.random.wrap_key_data(key_data(key), impl=impl)
 
 
 def impl_code(impl: Any) -> int:
