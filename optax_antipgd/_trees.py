@@ -1,9 +1,14 @@
 """Which leaves of a pytree take part: float leaves do, ints and bools do not."""
 
+import hashlib
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+import optax
+
+from optax_antipgd import _keys
 
 
 def is_float(leaf: Any, path: Any = ()) -> bool:
@@ -24,3 +29,111 @@ def is_float(leaf: Any, path: Any = ()) -> bool:
             "Split it into real and imaginary parts (two float leaves)."
         )
     return bool(jnp.issubdtype(dtype, jnp.floating))
+
+
+def check_leaves(tree: Any) -> None:
+    """Refuses a tree with complex leaves, naming the first one's path."""
+    jax.tree_util.tree_map_with_path(lambda path, leaf: is_float(leaf, path), tree)
+
+
+def _is_stub(node: Any) -> bool:
+    """A node with no leaves that marks a place: ``None`` or ``optax.MaskedNode``."""
+    return node is None or isinstance(node, optax.MaskedNode)
+
+
+def entries(tree: Any) -> tuple[list[tuple[tuple[Any, ...], Any]], Any]:
+    """``(normalized path, leaf)`` of every leaf, ``None`` and ``MaskedNode``."""
+    paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_stub)
+    return [
+        (_keys.normalized_path(path), leaf) for path, leaf in paths_leaves
+    ], treedef
+
+
+def _describe(leaf: Any) -> str:
+    if leaf is None:
+        return "None"
+    if isinstance(leaf, optax.MaskedNode):
+        return "masked"
+    return f"{jnp.result_type(leaf)}{list(jnp.shape(leaf))}"
+
+
+def _kind(leaf: Any) -> str:
+    if _is_stub(leaf):
+        return _describe(leaf)
+    return f"{'float' if is_float(leaf) else 'other'}{list(jnp.shape(leaf))}"
+
+
+def digest(tree: Any) -> np.ndarray:
+    """A uint32[2] digest of ``tree``'s paths and shapes, and which leaves are float.
+
+    Not of the exact dtypes: updates may come in another float dtype than
+    the params (bf16 params, f32 updates) and still be the same tree.
+    """
+    text = ";".join(
+        f"{jax.tree_util.keystr(path)}:{_kind(leaf)}" for path, leaf in entries(tree)[0]
+    )
+    return np.frombuffer(
+        hashlib.blake2b(text.encode(), digest_size=8).digest(), dtype="<u4"
+    ).copy()
+
+
+def _masked_ancestor(path, index_of, reference_entries) -> int | None:
+    """The index of the reference ``MaskedNode`` above ``path``, if any."""
+    for end in range(len(path) - 1, -1, -1):
+        index = index_of.get(path[:end])
+        if index is not None and isinstance(reference_entries[index][1], optax.MaskedNode):
+            return index
+    return None
+
+
+def align(reference: Any, tree: Any, what: str, *, dtypes: bool) -> list[int]:
+    """For each entry of ``tree``, the index of the ``reference`` entry it is.
+
+    Entries are matched by normalized path. A leaf of ``tree`` under a
+    ``MaskedNode`` of ``reference`` maps to that node's index (it passes
+    through). Float leaves of ``reference`` must match in shape (and dtype,
+    with ``dtypes``).
+
+    Raises:
+      ValueError: Naming the paths that differ, if ``tree`` is not the tree
+        ``reference`` was built for.
+    """
+    reference_entries, _ = entries(reference)
+    index_of = {path: index for index, (path, _) in enumerate(reference_entries)}
+    positions, unexpected, mismatched = [], [], []
+    for path, leaf in entries(tree)[0]:
+        index = index_of.get(path)
+        if index is None:
+            index = _masked_ancestor(path, index_of, reference_entries)
+            if index is None:
+                unexpected.append(path)
+                continue
+        positions.append(index)
+        expected = reference_entries[index][1]
+        if not _is_stub(expected) and not _is_stub(leaf):
+            same = jnp.shape(leaf) == jnp.shape(expected) and (
+                not dtypes or jnp.result_type(leaf) == jnp.result_type(expected)
+            )
+            if not same:
+                mismatched.append((path, _describe(leaf), _describe(expected)))
+    matched = set(positions)
+    missing = [
+        path
+        for index, (path, _) in enumerate(reference_entries)
+        if index not in matched
+    ]
+    if unexpected or missing or mismatched:
+        problems = [f"{jax.tree_util.keystr(p)} is not in it" for p in unexpected[:5]]
+        problems += [f"{jax.tree_util.keystr(p)} is missing" for p in missing[:5]]
+        problems += [
+            f"{jax.tree_util.keystr(p)} is {got}, not {want}"
+            for p, got, want in mismatched[:5]
+        ]
+        raise ValueError(
+            f"{what} is not the tree the noise state was built for (by init): "
+            + "; ".join(problems)
+            + ". Pass the tree given to opt.init (the same paths, shapes and "
+            "dtypes): e.g. params, not {'params': params}, and "
+            "nnx.state(model, nnx.Param), not nnx.state(model)."
+        )
+    return positions

@@ -20,7 +20,7 @@ import optax
 import pytest
 
 import optax_antipgd as ap
-from optax_antipgd import _sampling
+from optax_antipgd import _draws
 from optax_antipgd import _threefry
 
 
@@ -47,10 +47,17 @@ def _reference_leaf_noise(key, step, path, leaf, scale, distribution):
     return (jnp.asarray(scale, draw_dtype) * z).astype(dtype)
 
 
-def _reference_tree_noise(key, step, tree, scale, distribution):
+def _reference_tree_noise(key, step, tree, scale, distribution, cyclic=False):
+    """With ``cyclic``, float leaf ``step mod L`` draws and the others are zeros."""
+    is_float = lambda leaf: jnp.issubdtype(jnp.result_type(leaf), jnp.floating)  # noqa: E731
+    num_floats = sum(is_float(leaf) for leaf in jax.tree.leaves(tree))
+    position = iter(range(num_floats))
+
     def leaf_noise(path, leaf):
-        if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
+        if not is_float(leaf):
             return None
+        if cyclic and next(position) != step % num_floats:
+            return jnp.zeros(jnp.shape(leaf), jnp.result_type(leaf))
         return _reference_leaf_noise(key, step, path, leaf, scale, distribution)
 
     return jax.tree.map_with_path(leaf_noise, tree)
@@ -103,11 +110,11 @@ def test_tree_noise_is_bit_identical_to_the_per_leaf_definition(
     # on several devices. The suite may run with 8 CPU devices.
     monkeypatch.setattr(jax, "device_count", lambda: 8 if path == "per leaf" else 1)
     if path == "small chunks":
-        monkeypatch.setattr(_sampling, "_CHUNK", 64)
+        monkeypatch.setattr(_draws, "CHUNK", 64)
         monkeypatch.setattr(_threefry, "MAX_SIZE", 300)
     key, tree = _KEYS[impl](), _tree()
     noise = jax.jit(
-        lambda key, step, scale: _sampling.tree_noise(
+        lambda key, step, scale: _draws.tree_noise(
             key, step, tree, scale, distribution
         )
     )
@@ -123,18 +130,49 @@ def test_tree_noise_is_bit_identical_to_the_per_leaf_definition(
         _assert_bitwise_equal(noise(*args), reference(*args))
 
 
+@pytest.mark.parametrize(
+    ("impl", "distribution"), [("threefry", "gaussian"), ("rbg", "rademacher")]
+)
+@pytest.mark.parametrize("path", ["loops", "per leaf"])
+def test_cyclic_noise_is_the_definition_on_one_leaf_per_step(
+    impl, distribution, path, monkeypatch
+):
+    # Only float leaf m mod L draws, its stream unchanged; the others are zero.
+    monkeypatch.setattr(jax, "device_count", lambda: 8 if path == "per leaf" else 1)
+    key, tree = _KEYS[impl](), _tree()
+    noise = jax.jit(
+        lambda step, scale: _draws.tree_noise(
+            key, step, tree, scale, distribution, cyclic=True
+        )
+    )
+    reference = jax.jit(
+        lambda step, scale: _reference_tree_noise(
+            key, step, tree, scale, distribution, cyclic=True
+        ),
+        static_argnums=0,
+    )
+    num_floats = 19  # the float leaves of _tree()
+    for step in (0, 3, 7, 18, 19 + 9, 2**31 - 1):
+        args = jnp.float32(0.3)
+        _assert_bitwise_equal(noise(jnp.int32(step), args), reference(step, args))
+        drawn = [bool(jnp.any(x != 0)) for x in jax.tree.leaves(noise(step, args))]
+        assert len(drawn) == num_floats
+        # The empty leaf cannot show its draw; every other active leaf does.
+        assert sum(drawn) == (0 if step % num_floats == 3 else 1), step
+
+
 def test_only_threefry_keys_on_one_cpu_device_draw_in_loops(monkeypatch):
     threefry, rbg = jax.random.key(0), jax.random.key(0, impl="rbg")
     monkeypatch.setattr(jax, "device_count", lambda: 1)
-    assert _sampling._draws_in_loops(threefry)
-    assert not _sampling._draws_in_loops(rbg)
+    assert _draws.draws_in_loops(threefry)
+    assert not _draws.draws_in_loops(rbg)
     with jax.threefry_partitionable(False):  # jax's bits then follow another law
-        assert not _sampling._draws_in_loops(threefry)
+        assert not _draws.draws_in_loops(threefry)
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert not _sampling._draws_in_loops(threefry)
+    assert not _draws.draws_in_loops(threefry)
     monkeypatch.undo()
     monkeypatch.setattr(jax, "device_count", lambda: 2)
-    assert not _sampling._draws_in_loops(threefry)
+    assert not _draws.draws_in_loops(threefry)
 
 
 def test_same_shaped_leaves_are_drawn_in_one_loop_on_one_device(monkeypatch):
@@ -142,7 +180,7 @@ def test_same_shaped_leaves_are_drawn_in_one_loop_on_one_device(monkeypatch):
     tree = [jnp.zeros((8, 8)) for _ in range(6)]
     hlo = (
         jax.jit(
-            lambda key: _sampling.tree_noise(
+            lambda key: _draws.tree_noise(
                 key, jnp.int32(1), tree, jnp.float32(1.0), "gaussian"
             )
         )
@@ -178,7 +216,7 @@ def test_normal_from_bits_is_jax_random_normal(seed, shape):
     key = jax.random.key(seed)
     bits = jax.random.bits(key, shape, jnp.uint32)
     _assert_bitwise_equal(
-        _sampling._normal_from_bits(bits, jnp.float32),
+        _draws.normal_from_bits(bits, jnp.float32),
         jax.random.normal(key, shape, jnp.float32),
     )
 
@@ -188,14 +226,14 @@ def test_float64_loops_are_bit_identical_to_the_per_leaf_definition():
     script = textwrap.dedent(
         """
         import jax, jax.numpy as jnp, numpy as np
-        from optax_antipgd import _sampling, _threefry
-        from tests.test_performance_paths import _reference_tree_noise
+        from optax_antipgd import _draws, _threefry
+        from tests.test_draws import _reference_tree_noise
         jax.device_count = lambda: 1  # loops, even where XLA_FLAGS fakes devices
         tree = [jnp.zeros((3, 33), jnp.float64) for _ in range(3)] + [jnp.zeros(())]
         key = jax.random.key(1)
         bits = jax.random.bits(key, (9, 70), jnp.uint64)
         assert np.array_equal(
-            _sampling._normal_from_bits(bits, jnp.float64),
+            _draws.normal_from_bits(bits, jnp.float64),
             jax.random.normal(key, (9, 70), jnp.float64),
         )
         counters = jax.lax.iota(jnp.uint32, 630).reshape(9, 70)
@@ -203,7 +241,7 @@ def test_float64_loops_are_bit_identical_to_the_per_leaf_definition():
             _threefry.bits(jax.random.key_data(key), counters, jnp.uint64), bits
         )
         for distribution in ("gaussian", "rademacher"):
-            noise = jax.jit(lambda k: _sampling.tree_noise(
+            noise = jax.jit(lambda k: _draws.tree_noise(
                 k, jnp.int32(2), tree, jnp.float64(0.3), distribution))(key)
             expected = jax.jit(lambda k: _reference_tree_noise(
                 k, 2, tree, jnp.float64(0.3), distribution))(key)
@@ -262,7 +300,7 @@ def test_switched_off_anti_pgd_cancels_the_last_noise_then_adds_nothing(
     if store_noise:
         # The stored xi_1 is subtracted as it is: exact.
         _assert_bitwise_equal(emitted[1], cancel)
-        assert all(bool(jnp.all(x == 0)) for x in jax.tree.leaves(state[1].noise))
+        assert all(bool(jnp.all(x == 0)) for x in jax.tree.leaves(state[1].noise[0]))
     else:
         # Regenerated inside the update, the draw fuses with the subtraction, and
         # XLA may contract them into one FMA: equal to within an ulp of xi_1.
