@@ -1,5 +1,6 @@
 """The aliases are their chains; the two places the noise can go."""
 
+import functools
 import inspect
 
 import chex
@@ -42,15 +43,48 @@ def test_pgd_equals_its_chain_exactly(sgd_kwargs, distribution):
     chex.assert_trees_all_equal(trajectory(alias), trajectory(chain))
 
 
+NOISE_KWARGS = {
+    "anti": dict(),
+    "regenerated": dict(store_noise=False),
+    "partial_cyclic": dict(correlation=0.5, leaves="cyclic"),
+    "rademacher": dict(distribution="rademacher"),
+}
+
+
 @pytest.mark.parametrize("sgd_kwargs", SGD_KWARGS)
-@pytest.mark.parametrize("store_noise", [True, False])
-def test_anti_pgd_equals_its_chain_exactly(sgd_kwargs, store_noise):
-    alias = ap.anti_pgd(0.1, 0.05, 0, store_noise=store_noise, **sgd_kwargs)
+@pytest.mark.parametrize("noise_kwargs", NOISE_KWARGS.values(), ids=NOISE_KWARGS)
+def test_anti_pgd_equals_its_chain_exactly(sgd_kwargs, noise_kwargs):
+    alias = ap.anti_pgd(0.1, 0.05, 0, **noise_kwargs, **sgd_kwargs)
     chain = optax.chain(
         optax.sgd(0.1, **sgd_kwargs),
-        ap.add_anticorrelated_noise(0.05, 0, store_noise=store_noise),
+        ap.add_anticorrelated_noise(0.05, 0, **noise_kwargs),
     )
     chex.assert_trees_all_equal(trajectory(alias), trajectory(chain))
+
+
+@pytest.mark.parametrize("sgd_kwargs", SGD_KWARGS[:2])
+@pytest.mark.parametrize("store_noise", [True, False])
+def test_fractional_pgd_equals_its_chain_exactly(sgd_kwargs, store_noise):
+    alias = ap.fractional_pgd(
+        0.1, 0.05, 0, hurst=0.3, num_taps=4, store_noise=store_noise, **sgd_kwargs
+    )
+    chain = optax.chain(
+        optax.sgd(0.1, **sgd_kwargs),
+        ap.add_fractional_noise(0.05, 0, hurst=0.3, num_taps=4, store_noise=store_noise),
+    )
+    chex.assert_trees_all_equal(trajectory(alias), trajectory(chain))
+
+
+@pytest.mark.parametrize("alias", [ap.pgd, ap.anti_pgd])
+def test_aliases_pass_accumulator_dtype_to_sgd(alias):
+    params = {"w": jnp.ones(4, jnp.bfloat16)}
+    opt = alias(0.1, 0.01, 0, momentum=0.9, accumulator_dtype=jnp.float32)
+    [momentum] = optax.tree_utils.tree_get_all_with_path(opt.init(params), "trace")
+    assert momentum[1]["w"].dtype == jnp.float32
+    # The noise state keeps the params' dtype whatever the updates' dtype.
+    updates, state = opt.update(params, opt.init(params), params)
+    assert updates["w"].dtype == jnp.float32
+    chex.assert_trees_all_equal_shapes_and_dtypes(state, opt.init(params))
 
 
 @pytest.mark.parametrize("alias", [ap.pgd, ap.anti_pgd])
@@ -85,29 +119,64 @@ def test_noise_after_sgd_is_unscaled_and_before_sgd_is_scaled_by_lr(noise):
     )
 
 
-@pytest.mark.parametrize("alias", [ap.pgd, ap.anti_pgd])
-def test_aliases_name_every_keyword_for_inject_hyperparams(alias):
+ALIASES = {
+    "pgd": ap.pgd,
+    "anti_pgd": ap.anti_pgd,
+    "fractional_pgd": functools.partial(ap.fractional_pgd, hurst=0.3),
+}
+
+
+@pytest.mark.parametrize("name", ALIASES)
+def test_aliases_name_every_keyword_of_what_they_wrap(name):
+    alias = getattr(ap, name)
     parameters = inspect.signature(alias).parameters
     assert all(p.kind != p.VAR_KEYWORD for p in parameters.values())
     assert parameters["learning_rate"].annotation is optax.ScalarOrSchedule
-    opt = optax.inject_hyperparams(alias)(learning_rate=0.1, noise_std=0.05, key=0)
+    wrapped = {
+        "pgd": ap.add_independent_noise,
+        "anti_pgd": ap.add_anticorrelated_noise,
+        "fractional_pgd": ap.add_fractional_noise,
+    }[name]
+    sgd = {"momentum", "nesterov", "accumulator_dtype", "learning_rate"}
+    assert set(inspect.signature(wrapped).parameters) | sgd == set(parameters)
+
+
+@pytest.mark.parametrize("name", ALIASES)
+def test_inject_hyperparams_sees_learning_rate_and_noise_std(name):
+    static = ("hurst", "num_taps") if name == "fractional_pgd" else ()
+    opt = optax.inject_hyperparams(ALIASES[name], static_args=static)(
+        learning_rate=0.1, noise_std=0.05, key=0
+    )
     state = opt.init(PARAMS)
     update = jax.jit(opt.update)
     first, state = update(PARAMS, state, PARAMS)
+    expected_first, _ = ALIASES[name](0.1, 0.05, 0).update(
+        PARAMS, ALIASES[name](0.1, 0.05, 0).init(PARAMS), PARAMS
+    )
+    chex.assert_trees_all_close(first, expected_first, rtol=0, atol=1e-7)
     state.hyperparams["learning_rate"] = jnp.asarray(0.0)
     state.hyperparams["noise_std"] = jnp.asarray(0.0)
     second, state = update(PARAMS, state, PARAMS)
-    chex.assert_trees_all_equal_shapes_and_dtypes(first, PARAMS)
-    if alias is ap.pgd:
-        chex.assert_trees_all_equal(second, jax.tree.map(jnp.zeros_like, PARAMS))
+    zeros = jax.tree.map(jnp.zeros_like, PARAMS)
+    if name == "pgd":
+        # No learning rate, no noise: nothing moves.
+        chex.assert_trees_all_equal(second, zeros)
+    else:
+        # The new draw is zero; the noise still in the weights is taken out
+        # (for anti_pgd exactly -xi_1, what the first step's xi_1 put in).
+        assert not all(np.array_equal(x, 0) for x in jax.tree.leaves(second))
+        third, _ = update(PARAMS, state, PARAMS)
+        if name == "anti_pgd":
+            chex.assert_trees_all_equal(third, zeros)
 
 
 def test_learning_rate_and_noise_std_may_be_schedules():
-    opt = ap.anti_pgd(
-        optax.exponential_decay(0.1, 10, 0.5),
-        optax.cosine_decay_schedule(0.05, 20),
-        0,
-        momentum=0.5,
+    lr = optax.exponential_decay(0.1, 10, 0.5)
+    sigma = optax.cosine_decay_schedule(0.05, 20)
+    opt = ap.anti_pgd(lr, sigma, 0, momentum=0.5)
+    chain = optax.chain(
+        optax.sgd(lr, momentum=0.5), ap.add_anticorrelated_noise(sigma, 0)
     )
-    params = trajectory(opt, 25)[-1]
-    assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(params))
+    chex.assert_trees_all_equal(trajectory(opt, 25), trajectory(chain, 25))
+    # By step 20 the noise is off and the loss has fallen well below its start.
+    assert loss(trajectory(opt, 25)[-1]) < 0.5 * loss(PARAMS)
