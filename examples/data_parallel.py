@@ -12,7 +12,8 @@ so the replicas never drift apart. The same script runs:
       python examples/data_parallel.py --cpu-devices 4
 
 - as N local processes joined by ``jax.distributed`` (the script launches
-  them, on 127.0.0.1 with a free port)::
+  them, on 127.0.0.1 with a free port, and prints their output line by line,
+  each line prefixed with ``[process i]``)::
 
       python examples/data_parallel.py --num-processes 2 --cpu-devices 2
 
@@ -36,7 +37,14 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
+
+# Steps dispatched ahead of the devices. With dozens of multi-device steps
+# queued, XLA's CPU runtime can hang in a collective that not every device
+# reaches (seen with jax 0.10 on a 2-core host from about 32 steps on, in one
+# process and in two); a short queue keeps the devices just as busy.
+MAX_STEPS_IN_FLIGHT = 8
 
 
 def parse_args(argv=None):
@@ -81,40 +89,90 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def forward_lines(stream, sink, prefix: str, lock: threading.Lock) -> None:
+    """Copies a child's output to ``sink`` one whole line at a time, prefixed."""
+    with stream:
+        for line in stream:
+            if not line.endswith("\n"):
+                line += "\n"
+            with lock:
+                sink.write(prefix + line)
+                sink.flush()
+
+
+def wait_for_all(processes, timeout_s: float) -> str | None:
+    """Waits until all processes succeed (None), or says why not."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        running = False
+        for process_id, process in enumerate(processes):
+            returncode = process.poll()
+            if returncode is None:
+                running = True
+            elif returncode != 0:
+                return f"process {process_id} exited with status {returncode}"
+        if not running:
+            return None
+        if time.monotonic() > deadline:
+            return f"timed out after {timeout_s} s"
+        time.sleep(0.05)
+
+
 def launch_local_processes(args, argv) -> int:
-    """Starts ``--num-processes`` copies of this script on 127.0.0.1 and waits."""
+    """Starts ``--num-processes`` copies of this script on 127.0.0.1 and waits.
+
+    Each process writes to pipes of its own; the launcher forwards their
+    output whole line by whole line, each prefixed with the process id, so
+    the lines of different processes never run into each other.
+    """
     address = f"127.0.0.1:{free_port()}"
-    processes = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                os.path.abspath(__file__),
-                *argv,
-                "--process-id",
-                str(process_id),
-                "--coordinator-address",
-                address,
-            ]
-        )
-        for process_id in range(args.num_processes)
-    ]
-    deadline = time.monotonic() + args.timeout
+    lock = threading.Lock()
+    processes, forwarders = [], []
     try:
-        for process in processes:
-            returncode = process.wait(timeout=max(deadline - time.monotonic(), 0))
-            if returncode != 0:
-                print(f"a process exited with {returncode}", file=sys.stderr)
-                return 1
-        return 0
-    except subprocess.TimeoutExpired:
-        print(f"timed out after {args.timeout} s", file=sys.stderr)
-        return 1
+        for process_id in range(args.num_processes):
+            process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-u",  # unbuffered: each line reaches the launcher as printed
+                    os.path.abspath(__file__),
+                    *argv,
+                    "--process-id",
+                    str(process_id),
+                    "--coordinator-address",
+                    address,
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                errors="replace",
+            )
+            processes.append(process)
+            for stream, sink in (
+                (process.stdout, sys.stdout),
+                (process.stderr, sys.stderr),
+            ):
+                forwarder = threading.Thread(
+                    target=forward_lines,
+                    args=(stream, sink, f"[process {process_id}] ", lock),
+                    daemon=True,
+                )
+                forwarder.start()
+                forwarders.append(forwarder)
+        failure = wait_for_all(processes, args.timeout)
     finally:
         # One process failing leaves the others waiting on it: end them all.
         for process in processes:
             if process.poll() is None:
                 process.kill()
                 process.wait()
+        # Their pipes are closed now: the forwarders finish their last lines.
+        for forwarder in forwarders:
+            forwarder.join(timeout=10)
+    if failure is None:
+        return 0
+    with lock:
+        print(f"{failure}: stopped every process still running", file=sys.stderr)
+    return 1
 
 
 def train(args) -> None:
@@ -222,6 +280,8 @@ def train(args) -> None:
     start = time.perf_counter()
     for n in range(1, args.steps):
         params, state, loss = step(params, state, x, y)
+        if n % MAX_STEPS_IN_FLIGHT == 0:
+            loss.block_until_ready()
         if leader and (n + 1) % 100 == 0:
             print(f"step {n + 1:5d}  loss {scalar(loss):.6f}")
     jax.block_until_ready(params)
@@ -239,7 +299,8 @@ def train(args) -> None:
         print(f"denoised loss {final_denoised_loss:.6f}")
         if args.steps > 1:
             print(f"{(args.steps - 1) / seconds:.1f} steps/s after compilation")
-    # One write per line, flushed: the processes share the launcher's stdout.
+    # One write per line, flushed: a cluster's launcher (srun, mpirun) may merge
+    # the processes' outputs.
     sys.stdout.write(
         f"process {jax.process_index()}: params sha256 {digest.hexdigest()[:16]}\n"
     )
