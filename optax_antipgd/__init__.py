@@ -4,7 +4,10 @@ from optax_antipgd._alias import anti_pgd
 from optax_antipgd._alias import fractional_pgd
 from optax_antipgd._alias import pgd
 from optax_antipgd._filters import fractional_coefficients
+from optax_antipgd._hessian import hessian_eigenvalues
+from optax_antipgd._hessian import hessian_spectrum
 from optax_antipgd._hessian import hessian_trace
+from optax_antipgd._hessian import hessian_trace_with_stderr
 from optax_antipgd._noise import AnticorrelatedNoiseState
 from optax_antipgd._noise import CorrelatedNoiseState
 from optax_antipgd._noise import IndependentNoiseState
@@ -28,6 +31,9 @@ __all__ = (
     "denoised_params",
     "fractional_coefficients",
     "fractional_pgd",
+    "hessian_eigenvalues",
+    "hessian_spectrum",
     "hessian_trace",
+    "hessian_trace_with_stderr",
     "pgd",
 )
