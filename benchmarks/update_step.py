@@ -118,7 +118,56 @@ def candidates() -> dict[str, Callable[[], optax.GradientTransformation]]:
             LEARNING_RATE, NOISE_STD, key, distribution="rademacher"
         ),
         "anti_pgd(noise off)": lambda: ap.anti_pgd(LEARNING_RATE, switched_off, key),
+        "anti_pgd(correlation=0.5)": lambda: ap.anti_pgd(
+            LEARNING_RATE, NOISE_STD, key, correlation=0.5
+        ),
+        "fractional_pgd(hurst=0.25)": lambda: ap.fractional_pgd(
+            LEARNING_RATE, NOISE_STD, key, hurst=0.25
+        ),
+        "fractional_pgd(store_noise=False)": lambda: ap.fractional_pgd(
+            LEARNING_RATE, NOISE_STD, key, hurst=0.25, store_noise=False
+        ),
+        "pgd(leaves=cyclic)": lambda: ap.pgd(
+            LEARNING_RATE, NOISE_STD, key, leaves="cyclic"
+        ),
+        # The memory floors: steps that stream the bytes a candidate must move
+        # (read the grads, the params and the stored noise, write the params and
+        # one new noise tree) and do nothing else.
+        "floor(1 stored tree)": lambda: optax.chain(
+            optax.sgd(LEARNING_RATE), streams_only(num_slots=1)
+        ),
+        "floor(7 stored trees)": lambda: optax.chain(
+            optax.sgd(LEARNING_RATE), streams_only(num_slots=7)
+        ),
     }
+
+
+# Which floor each candidate is compared with (sgd for those without state).
+FLOORS = {
+    "pgd": "sgd",
+    "pgd(leaves=cyclic)": "sgd",
+    "anti_pgd": "floor(1 stored tree)",
+    "anti_pgd(rademacher)": "floor(1 stored tree)",
+    "anti_pgd(noise off)": "floor(1 stored tree)",
+    "anti_pgd(correlation=0.5)": "floor(1 stored tree)",
+    "fractional_pgd(hurst=0.25)": "floor(7 stored trees)",
+}
+
+
+def streams_only(num_slots: int) -> optax.GradientTransformation:
+    """Reads ``num_slots`` params-sized trees of state, writes one: no noise."""
+
+    def init(params):
+        return tuple(jax.tree.map(jnp.zeros_like, params) for _ in range(num_slots))
+
+    def update(updates, state, params=None):
+        del params
+        total = jax.tree.map(lambda *slots: sum(slots), *state)
+        updates = jax.tree.map(lambda u, t: u + t, updates, total)
+        # One slot rewritten (with what an update would write), the rest kept.
+        return updates, (jax.tree.map(lambda u: 0 * u, updates), *state[1:])
+
+    return optax.GradientTransformation(init, update)
 
 
 def tree_bytes(tree: Any) -> int:
@@ -133,7 +182,7 @@ def tree_bytes(tree: Any) -> int:
 class Candidate:
     """One optimizer on one tree: its compiled step and its live buffers."""
 
-    def __init__(self, name, make_opt, shapes):
+    def __init__(self, name, make_opt, shapes, donate=True):
         self.name = name
         opt = make_opt()
 
@@ -148,7 +197,7 @@ class Candidate:
         self.state_bytes = tree_bytes(self.state)
         start = time.perf_counter()
         self.compiled = (
-            jax.jit(step, donate_argnums=(0, 1))
+            jax.jit(step, donate_argnums=(0, 1) if donate else ())
             .lower(self.params, self.state, self.grads)
             .compile()
         )
@@ -171,17 +220,20 @@ class Candidate:
         return statistics.median(self.times)
 
 
-def run_tree(shapes, repeats, warmup, compile_repeats, only=None):
+def run_tree(shapes, repeats, warmup, compile_repeats, only=None, donate=True):
     makers = {
         name: make
         for name, make in candidates().items()
-        if only is None or name in only or name in ("sgd", "add_noise+sgd")
+        if only is None
+        or name in only
+        or name in ("sgd", "add_noise+sgd")
+        or name in {FLOORS.get(n) for n in only}
     }
     compile_times = {name: [] for name in makers}
     runs = {}
     for _ in range(compile_repeats):  # interleaved as well
         for name, make in makers.items():
-            runs[name] = Candidate(name, make, shapes)
+            runs[name] = Candidate(name, make, shapes, donate)
             compile_times[name].append(runs[name].compile_s)
     for run in runs.values():
         run.compile_s = statistics.median(compile_times[run.name])
@@ -200,14 +252,17 @@ def table(runs, params_bytes):
     peer, sgd = runs["add_noise+sgd"], runs["sgd"]
     lines = [
         "| candidate | step (ms) | x add_noise | x sgd | compile (s) "
-        "| compile x add_noise | state (bytes) | state / params | temp (MB) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| x floor | compile x add_noise | state (bytes) | state / params "
+        "| temp (MB) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for run in runs.values():
         temp = "n/a" if run.temp_bytes is None else f"{run.temp_bytes / 1e6:.1f}"
+        floor = runs.get(FLOORS.get(run.name))
+        to_floor = "-" if floor is None else f"{run.step_s / floor.step_s:.2f}"
         lines.append(
             f"| {run.name} | {run.step_s * 1e3:.2f} | {run.step_s / peer.step_s:.2f} "
-            f"| {run.step_s / sgd.step_s:.2f} | {run.compile_s:.2f} "
+            f"| {run.step_s / sgd.step_s:.2f} | {run.compile_s:.2f} | {to_floor} "
             f"| {run.compile_s / peer.compile_s:.2f} | {run.state_bytes:,} "
             f"| {run.state_bytes / params_bytes:.2f} | {temp} |"
         )
@@ -250,6 +305,9 @@ def main(argv=None):
     parser.add_argument("--only", nargs="*", default=None, help="candidate names")
     parser.add_argument(
         "--quick", action="store_true", help="a smoke run on tiny trees"
+    )
+    parser.add_argument(
+        "--no-donate", action="store_true", help="jit the step without donation"
     )
     parser.add_argument(
         "--output", default=None, help=f"markdown file (default: {RESULTS})"
@@ -296,7 +354,9 @@ def main(argv=None):
     for letter in args.trees:
         title, shapes = trees[letter]
         before = load()
-        runs = run_tree(shapes, repeats, args.warmup, compile_repeats, args.only)
+        runs = run_tree(
+            shapes, repeats, args.warmup, compile_repeats, args.only, not args.no_donate
+        )
         section = (
             f"### {title}\n\nload average (1/5/15 min) before: {before}, "
             f"after: {load()}\n\n{table(runs, tree_bytes(shapes))}\n"
