@@ -66,7 +66,9 @@ def main() -> None:
 
     def by_correlation(correlation, seed):
         return run(
-            lambda key: ap.add_anticorrelated_noise(sigma, key, correlation=correlation),
+            lambda key: ap.add_anticorrelated_noise(
+                sigma, key, correlation=correlation
+            ),
             seed,
         )
 
@@ -92,8 +94,13 @@ def main() -> None:
         f"sparse regression, sigma {NOISE_STD}, {noisy_steps} noisy + {clean_steps} "
         f"clean steps; mean +- std over {len(seeds)} seeds\n"
     )
-    rows = [(f"Anti-PGD, correlation {c:g}", i, c_error, c_trace) for i, c in enumerate(CORRELATIONS)]
-    rows += [(f"fractional, hurst {h:g}", i, h_error, h_trace) for i, h in enumerate(HURSTS)]
+    rows = [
+        (f"Anti-PGD, correlation {c:g}", i, c_error, c_trace)
+        for i, c in enumerate(CORRELATIONS)
+    ]
+    rows += [
+        (f"fractional, hurst {h:g}", i, h_error, h_trace) for i, h in enumerate(HURSTS)
+    ]
     print("| noise | test error | Tr H |\n|---|---|---|")
     for name, i, error, trace in rows:
         print(

@@ -270,9 +270,8 @@ def _noise_list(key, step, leaves, *, paths, scale, distribution, cyclic):
                 noise[index] = _scaled(leaves[index], scale, z)
     alone = [index for index in range(len(leaves)) if noise[index] is None]
     if alone:
-        for index, value in zip(
-            alone, _drawn_alone(keys, leaves, alone, scale, distribution, active)
-        ):
+        drawn = _drawn_alone(keys, leaves, alone, scale, distribution, active)
+        for index, value in zip(alone, drawn, strict=True):
             noise[index] = value
     return noise
 
@@ -288,7 +287,9 @@ def _drawn_alone(keys, leaves, indices, scale, distribution, active):
     def draw(index):
         leaf = leaves[index]
         dtype = draw_dtype(jnp.result_type(leaf))
-        z = _draw(keys[index], jnp.shape(leaf), dtype, distribution, _traced_sharding(leaf))
+        z = _draw(
+            keys[index], jnp.shape(leaf), dtype, distribution, _traced_sharding(leaf)
+        )
         return _scaled(leaf, scale, z)
 
     def zeros():
@@ -349,6 +350,7 @@ def tree_noise(
             # draw with the leaves' shardings, so that each device draws only
             # its block instead of the whole leaf being drawn on one device.
             draw = jax.jit(draw, out_shardings=shardings)
-        for index, value in zip(floats, draw(key, step, leaves, scale=scale)):
+        values = draw(key, step, leaves, scale=scale)
+        for index, value in zip(floats, values, strict=True):
             noise[index] = value
     return jax.tree.unflatten(treedef, noise)

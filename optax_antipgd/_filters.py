@@ -134,10 +134,12 @@ def fractional_coefficients(hurst: float, num_taps: int = 8) -> np.ndarray:
 
 
 def autocorrelation_error(hurst: float, num_taps: int, max_lag: int = 64) -> float:
-    """Largest |autocorrelation of the truncated filter - fGn's| over lags 1..max_lag."""
+    """The largest |filter's autocorrelation - fGn's| over lags 1 to ``max_lag``."""
     c = fractional_coefficients(hurst, num_taps)
     lags = np.arange(1, max_lag + 1)
-    filtered = np.array([c[: num_taps - k] @ c[k:] if k < num_taps else 0.0 for k in lags])
+    filtered = np.array(
+        [c[: num_taps - k] @ c[k:] if k < num_taps else 0.0 for k in lags]
+    )
     return float(np.max(np.abs(filtered - fgn_autocorrelation(hurst, lags))))
 
 

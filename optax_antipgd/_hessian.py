@@ -8,6 +8,7 @@ against breakdown (:func:`_lanczos`).
 
 from collections.abc import Callable
 from typing import Any
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +17,8 @@ import matfree.decomp
 from optax_antipgd import _hvp
 from optax_antipgd import _keys
 
-_ESTIMATORS = ("hutchinson", "hutch++")
+Estimator = Literal["hutchinson", "hutch++"]
+_ESTIMATORS = Estimator.__args__
 
 # Lanczos has found an invariant subspace when a new residual is this many
 # machine epsilons of the Hessian's norm seen so far, or less. Cutting the
@@ -34,7 +36,7 @@ def _check_estimator(estimator: Any) -> str:
 def _trace_terms(
     fn: Callable[[Any], jax.typing.ArrayLike],
     params: Any,
-    key: Any,
+    key: _keys.Key,
     num_samples: Any,
     batch_size: Any,
     estimator: Any,
@@ -93,11 +95,11 @@ def _trace_terms(
 def hessian_trace(
     fn: Callable[[Any], jax.typing.ArrayLike],
     params: Any,
-    key: Any,
+    key: _keys.Key,
     *,
     num_samples: int = 64,
     batch_size: int | None = None,
-    estimator: str = "hutchinson",
+    estimator: Estimator = "hutchinson",
 ) -> jax.Array:
     r"""Stochastic estimate of the trace of the Hessian of ``fn`` at ``params``.
 
@@ -214,11 +216,11 @@ def hessian_trace(
 def hessian_trace_with_stderr(
     fn: Callable[[Any], jax.typing.ArrayLike],
     params: Any,
-    key: Any,
+    key: _keys.Key,
     *,
     num_samples: int = 64,
     batch_size: int | None = None,
-    estimator: str = "hutchinson",
+    estimator: Estimator = "hutchinson",
 ) -> tuple[jax.Array, jax.Array]:
     r""":func:`hessian_trace` with the standard error of its estimate.
 
@@ -332,7 +334,7 @@ def _tridiagonal(alphas: jax.Array, betas: jax.Array) -> jax.Array:
 def hessian_eigenvalues(
     fn: Callable[[Any], jax.typing.ArrayLike],
     params: Any,
-    key: Any,
+    key: _keys.Key,
     *,
     k: int = 1,
     num_matvecs: int = 64,
@@ -439,7 +441,7 @@ def hessian_eigenvalues(
 def hessian_spectrum(
     fn: Callable[[Any], jax.typing.ArrayLike],
     params: Any,
-    key: Any,
+    key: _keys.Key,
     *,
     num_matvecs: int = 64,
     num_samples: int = 8,

@@ -291,7 +291,9 @@ def add_correlated_noise(
             base_key = jax.random.wrap_key_data(raw_key, impl=impl)
             # xi_0, xi_{-1}, ..., xi_{2-K}; slot m mod (K - 1) holds xi_m.
             by_slot = {
-                step % num_slots: draw(base_key, jnp.asarray(step, jnp.int32), params, std)
+                step % num_slots: draw(
+                    base_key, jnp.asarray(step, jnp.int32), params, std
+                )
                 for step in range(2 - num_slots - 1, 1)
             }
             ring = tuple(by_slot[slot] for slot in range(num_slots))
@@ -665,7 +667,10 @@ def _denoised(state: CorrelatedNoiseState, params: Any) -> Any:
 def _without(param, weights, noises):
     """``param - sum_s weights_s noises_s`` in the param's dtype."""
     dtype = jnp.result_type(param)
-    terms = [w.astype(dtype) * noise.astype(dtype) for w, noise in zip(weights, noises)]
+    terms = [
+        w.astype(dtype) * noise.astype(dtype)
+        for w, noise in zip(weights, noises, strict=True)
+    ]
     return param - functools.reduce(operator.add, terms)
 
 

@@ -44,9 +44,7 @@ def _is_stub(node: Any) -> bool:
 def entries(tree: Any) -> tuple[list[tuple[tuple[Any, ...], Any]], Any]:
     """``(normalized path, leaf)`` of every leaf, ``None`` and ``MaskedNode``."""
     paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_stub)
-    return [
-        (_keys.normalized_path(path), leaf) for path, leaf in paths_leaves
-    ], treedef
+    return [(_keys.normalized_path(path), leaf) for path, leaf in paths_leaves], treedef
 
 
 def _describe(leaf: Any) -> str:
@@ -81,7 +79,9 @@ def _masked_ancestor(path, index_of, reference_entries) -> int | None:
     """The index of the reference ``MaskedNode`` above ``path``, if any."""
     for end in range(len(path) - 1, -1, -1):
         index = index_of.get(path[:end])
-        if index is not None and isinstance(reference_entries[index][1], optax.MaskedNode):
+        if index is not None and isinstance(
+            reference_entries[index][1], optax.MaskedNode
+        ):
             return index
     return None
 

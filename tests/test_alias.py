@@ -70,7 +70,9 @@ def test_fractional_pgd_equals_its_chain_exactly(sgd_kwargs, store_noise):
     )
     chain = optax.chain(
         optax.sgd(0.1, **sgd_kwargs),
-        ap.add_fractional_noise(0.05, 0, hurst=0.3, num_taps=4, store_noise=store_noise),
+        ap.add_fractional_noise(
+            0.05, 0, hurst=0.3, num_taps=4, store_noise=store_noise
+        ),
     )
     chex.assert_trees_all_equal(trajectory(alias), trajectory(chain))
 

@@ -114,9 +114,7 @@ def test_tree_noise_is_bit_identical_to_the_per_leaf_definition(
         monkeypatch.setattr(_threefry, "MAX_SIZE", 300)
     key, tree = _KEYS[impl](), _tree()
     noise = jax.jit(
-        lambda key, step, scale: _draws.tree_noise(
-            key, step, tree, scale, distribution
-        )
+        lambda key, step, scale: _draws.tree_noise(key, step, tree, scale, distribution)
     )
     # Both jitted: XLA may contract a multiply and an add into one FMA inside a
     # fused kernel, so an eager op-by-op draw can differ in the last bit.

@@ -108,7 +108,9 @@ def test_partial_anticorrelation_has_its_variance_and_lag_one_correlation(
     variance = (1 + correlation**2) * SIGMA**2
     for step in p:
         assert abs(step.var() / variance - 1) < 0.005 * 2
-    assert abs(np.corrcoef(p[0], p[1])[0, 1] + correlation / (1 + correlation**2)) < 5e-3
+    assert (
+        abs(np.corrcoef(p[0], p[1])[0, 1] + correlation / (1 + correlation**2)) < 5e-3
+    )
     assert abs(np.corrcoef(p[0], p[2])[0, 1]) < 5e-3
 
 
@@ -211,7 +213,9 @@ def _anti_pgd_as_released(noise_std, key, distribution, store_noise):
     library's loop draws are), then combined.
     """
     draw = jax.jit(
-        lambda step, tree: _reference_tree_noise(key, step, tree, noise_std, distribution)
+        lambda step, tree: _reference_tree_noise(
+            key, step, tree, noise_std, distribution
+        )
     )
     combine = jax.jit(
         lambda updates, new, noise: jax.tree.map(
@@ -279,7 +283,11 @@ def test_anti_pgd_gives_the_numbers_it_always_gave(distribution, impl, store_noi
 @pytest.mark.parametrize("transform", ["independent", "anti"])
 def test_cyclic_noise_draws_one_float_leaf_per_step_in_tree_order(transform):
     num_floats = len(_floats(TREE))
-    make = ap.add_independent_noise if transform == "independent" else ap.add_anticorrelated_noise
+    make = (
+        ap.add_independent_noise
+        if transform == "independent"
+        else ap.add_anticorrelated_noise
+    )
     opt = make(SIGMA, 0, leaves="cyclic")
     zeros = jax.tree.map(jnp.zeros_like, TREE)
     state = opt.init(TREE)
@@ -300,7 +308,9 @@ def test_cyclic_noise_draws_one_float_leaf_per_step_in_tree_order(transform):
         total = jax.tree.map(lambda t, u: t + u.astype(t.dtype), total, updates)
     if transform == "anti":
         # The sum telescopes: the weights carry xi_{2L} - xi_0, one leaf each.
-        xi_0 = ap.add_anticorrelated_noise(SIGMA, 0, leaves="cyclic").init(TREE).noise[0]
+        xi_0 = (
+            ap.add_anticorrelated_noise(SIGMA, 0, leaves="cyclic").init(TREE).noise[0]
+        )
         expected = [
             (a - b).astype(jnp.float32)
             for a, b in zip(_floats(state.noise[0]), _floats(xi_0), strict=True)
@@ -417,7 +427,9 @@ def test_denoised_params_of_a_filter_not_summing_to_zero_removes_the_noise_in_fl
 def test_denoised_params_remove_the_noise_of_every_correlated_state():
     opt = optax.chain(
         ap.add_anticorrelated_noise(1.0, 0),
-        ap.add_correlated_noise(1.0, 1, coefficients=(1.0, -0.5, -0.5), store_noise=False),
+        ap.add_correlated_noise(
+            1.0, 1, coefficients=(1.0, -0.5, -0.5), store_noise=False
+        ),
     )
     params = jnp.zeros(20)
     state = opt.init(params)
@@ -536,7 +548,9 @@ def test_store_modes_agree_for_every_key_impl(impl):
     params = {"w": jnp.zeros((8, 8))}
     key = jax.random.key(1, impl=impl)
     stored, s1 = _run(ap.add_anticorrelated_noise(0.5, key), params, 3)
-    regen, s2 = _run(ap.add_anticorrelated_noise(0.5, key, store_noise=False), params, 3)
+    regen, s2 = _run(
+        ap.add_anticorrelated_noise(0.5, key, store_noise=False), params, 3
+    )
     # Drawn per leaf with jax.random, a regenerated draw may fuse with the
     # arithmetic around it (an FMA): equal to within an ulp of the noise.
     chex.assert_trees_all_close(stored, regen, rtol=0, atol=2e-7)
@@ -609,7 +623,9 @@ def test_inject_hyperparams_draws_with_a_schedule_one_step_late():
 
 
 def test_a_schedule_starting_at_zero_draws_zero_pre_history():
-    transform = ap.add_fractional_noise(optax.linear_schedule(0.0, 1.0, 10), 0, hurst=0.3)
+    transform = ap.add_fractional_noise(
+        optax.linear_schedule(0.0, 1.0, 10), 0, hurst=0.3
+    )
     state = transform.init(jnp.zeros(10))
     for slot in state.noise:
         np.testing.assert_array_equal(slot, 0.0)
@@ -629,7 +645,8 @@ def _mixed(params_dtype, updates_dtype, name, **noise_kwargs):
         sgd = optax.sgd(0.1, momentum=0.9, accumulator_dtype=jnp.float32)
     else:
         sgd = optax.chain(
-            optax.sgd(0.1), optax.stateless(lambda u, p=None: optax.tree.cast(u, updates_dtype))
+            optax.sgd(0.1),
+            optax.stateless(lambda u, p=None: optax.tree.cast(u, updates_dtype)),
         )
     return params, optax.chain(sgd, TRANSFORMS[name](0, **noise_kwargs))
 
@@ -648,9 +665,9 @@ def test_state_dtypes_stay_fixed_by_init_under_mixed_precision(name, dtypes):
 
     # A lax.scan carry must keep its type: this raised a TypeError when the
     # stored noise took the updates' dtype.
-    (params_after, state_after), _ = jax.jit(
-        lambda c: jax.lax.scan(step, c, length=3)
-    )((params, state))
+    (params_after, state_after), _ = jax.jit(lambda c: jax.lax.scan(step, c, length=3))(
+        (params, state)
+    )
     chex.assert_trees_all_equal_shapes_and_dtypes(state_after, state)
     chex.assert_trees_all_equal_dtypes(params_after, params)
     # optax.MultiSteps and optax.apply_if_finite put the state through lax.cond
