@@ -149,12 +149,11 @@ def draws_in_loops(key: jax.Array) -> bool:
 CHUNK = 2**16
 
 
-def _group_draws(keys, shape, dtype, scale, distribution, rows):
+def _group_draws(keys, shape, dtype, scale, distribution):
     """``scale * z`` of same-shaped leaves, stacked, from one loop over their counters.
 
-    ``keys`` are the leaves' raw keys, stacked; only the rows
-    ``rows = (first, count)`` draw, the others stay zero. Each iteration hashes
-    a cache-sized chunk of one leaf's counters and transforms it, all in one
+    ``keys`` are the leaves' raw keys, stacked. Each iteration hashes a
+    cache-sized chunk of one leaf's counters and transforms it, all in one
     fusion (``_threefry``); the loop's output is the one buffer the draw is
     written to, so noise read twice (the update, the stored state) is hashed
     once, and the hash is compiled once per group, not once per leaf. When
@@ -184,12 +183,9 @@ def _group_draws(keys, shape, dtype, scale, distribution, rows):
             values = scale.astype(dtype) * normal_from_bits(values, dtype)
         return jax.lax.dynamic_update_index_in_dim(draws, values, index, 0)
 
-    first, count = rows
-    count = jnp.where(scale == 0, 0, count)
-    zeros = _varying(jnp.zeros((len(keys) * num_chunks, chunk), out_dtype), keys, scale)
-    draws = jax.lax.fori_loop(
-        first * num_chunks, (first + count) * num_chunks, draw_chunk, zeros
-    )
+    total = len(keys) * num_chunks
+    zeros = _varying(jnp.zeros((total, chunk), out_dtype), keys, scale)
+    draws = jax.lax.fori_loop(0, jnp.where(scale == 0, 0, total), draw_chunk, zeros)
     draws = draws.reshape(len(keys), num_chunks * chunk)[:, :size]
     return draws.reshape(len(keys), *out_shape)
 
@@ -255,25 +251,39 @@ def _noise_list(key, step, leaves, *, paths, scale, distribution, cyclic):
             shape, dtype = jnp.shape(leaf), draw_dtype(jnp.result_type(leaf))
             groups.setdefault((shape, dtype), []).append(index)
     for (shape, dtype), members in groups.items():
-        if cyclic:
-            at = jnp.asarray(members, jnp.int32) == active
-            rows = (jnp.argmax(at).astype(jnp.int32), jnp.any(at).astype(jnp.int32))
-        else:
-            rows = (jnp.int32(0), jnp.int32(len(members)))
         keys_data = jax.random.key_data(jnp.stack([keys[i] for i in members]))
-        draws = _group_draws(keys_data, shape, dtype, scale, distribution, rows)
-        for row, index in enumerate(members):
-            if distribution == "gaussian":
-                noise[index] = draws[row].astype(jnp.result_type(leaves[index]))
-            else:
-                z = _signs(draws[row], shape, dtype)
-                noise[index] = _scaled(leaves[index], scale, z)
+        if cyclic:
+            # Draw the active member alone (none if it is in another group) and
+            # select it per member: no group-sized buffer of zeros to write.
+            at = jnp.asarray(members) == active
+            row = jnp.argmax(at)
+            group_scale = jnp.where(jnp.any(at), scale, jnp.zeros_like(scale))
+            drawn = _group_draws(
+                keys_data[row][None], shape, dtype, group_scale, distribution
+            )
+            for position, index in enumerate(members):
+                value = _from_draw(drawn[0], leaves[index], group_scale, distribution)
+                noise[index] = jnp.where(at[position], value, jnp.zeros_like(value))
+        else:
+            drawn = _group_draws(keys_data, shape, dtype, scale, distribution)
+            for position, index in enumerate(members):
+                noise[index] = _from_draw(
+                    drawn[position], leaves[index], scale, distribution
+                )
     alone = [index for index in range(len(leaves)) if noise[index] is None]
     if alone:
         drawn = _drawn_alone(keys, leaves, alone, scale, distribution, active)
         for index, value in zip(alone, drawn, strict=True):
             noise[index] = value
     return noise
+
+
+def _from_draw(drawn, leaf, scale, distribution):
+    """A leaf's noise from its row of a group draw (normals, or packed words)."""
+    if distribution == "gaussian":
+        return drawn.astype(jnp.result_type(leaf))
+    z = _signs(drawn, jnp.shape(leaf), draw_dtype(jnp.result_type(leaf)))
+    return _scaled(leaf, scale, z)
 
 
 def _drawn_alone(keys, leaves, indices, scale, distribution, active):
