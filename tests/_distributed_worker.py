@@ -87,10 +87,18 @@ def main() -> None:
         prediction = hidden @ params["out"]["kernel"] + params["out"]["bias"]
         return jnp.mean((prediction - y) ** 2)
 
-    local = {}
-    # "noise_only" (learning rate 0) involves no reduction at all, so it must
-    # match any other topology bit for bit; "trained" sums gradients across
-    # devices, whose order may differ between topologies.
+    def host_copy(array):
+        # Replicated: this process's first local shard is a full copy.
+        assert array.sharding.is_equivalent_to(replicated, array.ndim), array.sharding
+        return np.asarray(array.addressable_data(0))
+
+    evaluate = jax.jit(loss, out_shardings=replicated)
+    local = {"initial_loss": host_copy(evaluate(initial_params, x, y))}
+    # "trained" sums gradients across devices at every step; "noise_only"
+    # (learning rate 0) adds the noise to the initial params with no reduction
+    # in between. The stored noise xi_n of both runs is a function of the key,
+    # the step count and the leaf's path only. Entries are named
+    # "<run>/params[...]", "<run>/noise[...]" and "<run>/loss".
     for run, learning_rate in (("trained", 0.05), ("noise_only", 0.0)):
         opt = ap.anti_pgd(learning_rate=learning_rate, noise_std=0.01, key=0)
         params = initial_params
@@ -105,18 +113,13 @@ def main() -> None:
         for _ in range(args.steps):
             params, state = step(params, state, x, y)
 
-        # Params are replicated: this process's first local shard is a full copy.
-        for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-            assert leaf.sharding.is_equivalent_to(replicated, leaf.ndim), leaf.sharding
-            name = f"{run}{jax.tree_util.keystr(path)}"
-            local[name] = np.asarray(leaf.addressable_data(0))
-        final_loss = jax.jit(loss, out_shardings=replicated)(params, x, y)
-        local[f"{run}/loss"] = np.asarray(final_loss.addressable_data(0))
-    local["initial_loss"] = np.asarray(
-        jax.jit(loss, out_shardings=replicated)(initial_params, x, y).addressable_data(
-            0
-        )
-    )
+        for part, tree in (
+            ("params", params),
+            ("noise", optax.tree_utils.tree_get(state, "noise")),
+        ):
+            for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+                local[f"{run}/{part}{jax.tree_util.keystr(path)}"] = host_copy(leaf)
+        local[f"{run}/loss"] = host_copy(evaluate(params, x, y))
     np.savez(args.out, **local)
     if args.num_processes > 1:
         jax.distributed.shutdown()

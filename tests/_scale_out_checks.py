@@ -17,6 +17,7 @@ import functools  # noqa: E402
 import json  # noqa: E402
 import re  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
 
@@ -52,6 +53,16 @@ OPTIMIZERS = {
     ),
     "anti_pgd_rademacher": lambda key=KEY: ap.anti_pgd(
         LEARNING_RATE, NOISE_STD, key, distribution="rademacher"
+    ),
+    # A ring of stored draws, each a params-like tree to shard like them. Four
+    # taps: the 3 steps of a run write every slot of the ring once, and the
+    # eager inits compile 3 draws instead of the default 8 taps' 7.
+    "fractional_pgd": lambda key=KEY: ap.fractional_pgd(
+        LEARNING_RATE, NOISE_STD, key, hurst=0.25, num_taps=4
+    ),
+    # One leaf draws per step (a lax.switch over the leaves).
+    "pgd_cyclic": lambda key=KEY: ap.pgd(
+        LEARNING_RATE, NOISE_STD, key, leaves="cyclic"
     ),
 }
 
@@ -94,9 +105,13 @@ def grads_of(params):
     return jax.tree.map(lambda p: jnp.cos(p) + p, params)
 
 
+def _is_noise_state(node):
+    return isinstance(node, ap.CorrelatedNoiseState)
+
+
 def noise_states(state):
-    is_state = lambda node: isinstance(node, ap.AnticorrelatedNoiseState)  # noqa: E731
-    return [s for s in jax.tree.leaves(state, is_leaf=is_state) if is_state(s)]
+    leaves = jax.tree.leaves(state, is_leaf=_is_noise_state)
+    return [s for s in leaves if _is_noise_state(s)]
 
 
 def has_stored_noise(state):
@@ -104,26 +119,20 @@ def has_stored_noise(state):
 
 
 def state_shardings(state_shapes, shardings, replicated):
-    """Shardings for an optimizer state: the stored noise like the params."""
+    """Shardings for an optimizer state: every slot of the ring like the params."""
 
     def of_node(node):
-        if isinstance(node, ap.AnticorrelatedNoiseState):
-            node = node._replace(
-                noise=jax.tree.map(lambda _, sharding: sharding, node.noise, shardings)
-                if jax.tree.leaves(node.noise)
-                else node.noise
+        if _is_noise_state(node):
+            ring = tuple(
+                jax.tree.map(lambda _, sharding: sharding, slot, shardings)
+                for slot in node.noise
             )
-            return jax.tree.map(
-                lambda leaf: leaf if isinstance(leaf, NamedSharding) else replicated,
-                node,
+            return jax.tree.map(lambda _: replicated, node._replace(noise=()))._replace(
+                noise=ring
             )
         return jax.tree.map(lambda _: replicated, node)
 
-    return jax.tree.map(
-        of_node,
-        state_shapes,
-        is_leaf=lambda node: isinstance(node, ap.AnticorrelatedNoiseState),
-    )
+    return jax.tree.map(of_node, state_shapes, is_leaf=_is_noise_state)
 
 
 def as_numpy(tree):
@@ -338,7 +347,9 @@ def check_sharded_jit_output_shardings_equal_params_shardings(name):
 def _assert_state_noise_sharded_like_params(state, shardings, what):
     if has_stored_noise(state):
         for noise_state in noise_states(state):
-            _assert_sharded_like(noise_state.noise, shardings, what)
+            assert noise_state.noise, what
+            for slot, noise in enumerate(noise_state.noise):
+                _assert_sharded_like(noise, shardings, f"{what}, ring slot {slot}")
     else:
         # No stored noise (pgd, store_noise=False): nothing params-sized at all.
         for leaf in jax.tree.leaves(state):
@@ -418,11 +429,14 @@ def check_init_on_shape_dtype_structs_via_eval_shape(name):
     state = opt.init(make_params())
     assert jax.tree.structure(shapes) == jax.tree.structure(state)
     for noise_state in noise_states(shapes) if has_stored_noise(shapes) else []:
-        jax.tree.map(
-            lambda noise, p: (noise.shape, noise.dtype) == (p.shape, p.dtype) or 1 / 0,
-            noise_state.noise,
-            structs,
-        )
+        for noise in noise_state.noise:  # every slot of the ring
+            jax.tree.map(
+                lambda noise, p: (
+                    (noise.shape, noise.dtype) == (p.shape, p.dtype) or 1 / 0
+                ),
+                noise,
+                structs,
+            )
 
 
 def check_init_under_jit_with_out_shardings(name):
@@ -462,6 +476,93 @@ def check_init_on_sharded_params_shards_noise_like_params(name):
     with jax.set_mesh(mesh):
         state = jax.jit(opt.init)(params)
     _assert_state_noise_sharded_like_params(state, shardings, "jit(init)")
+
+
+# How jax's transfer log names an array it moves between devices.
+_DEVICE_TO_DEVICE = re.compile(
+    r"device-to-device transfer: aval=ShapedArray\((\w+)\[([\d,]*)\]"
+)
+
+
+def _parse_transfers(text):
+    return [
+        (dtype, tuple(int(size) for size in shape.split(",") if size))
+        for dtype, shape in _DEVICE_TO_DEVICE.findall(text)
+    ]
+
+
+def _device_to_device_transfers(fn, *args):
+    """``fn(*args)``, and (dtype, shape) of every array it moved between devices.
+
+    Under ``transfer_guard_device_to_device("log_explicit")`` jax logs every
+    such copy, explicit (``jax.device_put``) or implicit (jit copying an
+    argument to the devices of its computation), from C++ to the process's
+    stderr, which is read back here through a temporary file.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as log:
+        os.dup2(log.fileno(), 2)
+        try:
+            with jax.transfer_guard_device_to_device("log_explicit"):
+                result = jax.block_until_ready(fn(*args))
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+        log.seek(0)
+        return result, _parse_transfers(log.read().decode(errors="replace"))
+
+
+@functools.cache
+def _assert_transfer_log_sees_a_leaf_moved(axis_type, size):
+    """Asserts that the transfer log sees a leaf-sized array moved to the mesh.
+
+    By either route: ``jax.device_put`` from one device, or an uncommitted
+    argument of a jit on the mesh. Once per axis type.
+    """
+    mesh = jax.make_mesh((NUM_DEVICES,), ("data",), axis_types=(axis_type,))
+    sharding = NamedSharding(mesh, P("data"))
+    for route in (
+        lambda x: jax.device_put(x, sharding),
+        jax.jit(lambda x: x, out_shardings=sharding),
+    ):
+        _, moved = _device_to_device_transfers(route, jnp.zeros(size))
+        assert ("float32", (size,)) in moved, (axis_type, moved)
+
+
+def check_eager_init_on_sharded_params_never_moves_a_whole_leaf(name):
+    # Eager init (and the first eager update) on params sharded 8 ways must
+    # draw each block on its own device: a leaf drawn whole on one device and
+    # then placed (jax.device_put) costs the whole leaf's memory there, and
+    # shows as a device-to-device transfer of the leaf. Only small arrays may
+    # move (the key, the count, sigma, the filter's coefficients: uncommitted
+    # arrays that jit copies to the mesh). Auto mesh axes too, where no
+    # sharding is in the types. (A leaf drawn whole on every device would
+    # move nothing: this check does not see that.)
+    opt = OPTIMIZERS[name]()
+    for axis_type in (jax.sharding.AxisType.Explicit, jax.sharding.AxisType.Auto):
+        mesh = jax.make_mesh((NUM_DEVICES,), ("data",), axis_types=(axis_type,))
+        shardings = jax.tree.map(
+            lambda spec, mesh=mesh: NamedSharding(mesh, spec), param_specs()
+        )
+        params = jax.device_put(make_params(), shardings)
+        smallest_leaf = min(leaf.size for leaf in jax.tree.leaves(params))
+        what = f"{axis_type} mesh"
+
+        _assert_transfer_log_sees_a_leaf_moved(axis_type, smallest_leaf)
+        state, moved = _device_to_device_transfers(opt.init, params)
+        whole_leaves = sorted({m for m in moved if np.prod(m[1]) >= smallest_leaf})
+        assert not whole_leaves, f"{what}: init moved {whole_leaves}"
+        _assert_state_noise_sharded_like_params(state, shardings, f"{what}: init")
+
+        (updates, state), moved = _device_to_device_transfers(
+            opt.update, grads_of(params), state, params
+        )
+        whole_leaves = sorted({m for m in moved if np.prod(m[1]) >= smallest_leaf})
+        assert not whole_leaves, f"{what}: update moved {whole_leaves}"
+        _assert_sharded_like(updates, shardings, f"{what}: updates")
+        _assert_state_noise_sharded_like_params(state, shardings, f"{what}: update")
 
 
 def _shard_map_train(make_opt, mesh, fold_axis_index):

@@ -43,6 +43,25 @@ OPTIMIZERS = {
     "pgd": lambda key: ap.pgd(0.05, 0.1, key, momentum=0.9),
 }
 
+# The rest of the noise family: a ring of K - 1 = 7 stored draws (written at
+# slot n mod 7, so a resume mid-ring must pick up the right slot) and its
+# regenerated twin, partial anticorrelation, and one leaf per step in turn.
+FAMILY = {
+    "fractional_pgd_stored": lambda key: ap.fractional_pgd(
+        0.05, 0.1, key, hurst=0.25, momentum=0.9
+    ),
+    "fractional_pgd_regenerated": lambda key: ap.fractional_pgd(
+        0.05, 0.1, key, hurst=0.25, momentum=0.9, store_noise=False
+    ),
+    "anti_pgd_partial": lambda key: ap.anti_pgd(
+        0.05, 0.1, key, momentum=0.9, correlation=0.5
+    ),
+    "pgd_cyclic": lambda key: ap.pgd(0.05, 0.1, key, momentum=0.9, leaves="cyclic"),
+    "anti_pgd_cyclic": lambda key: ap.anti_pgd(
+        0.05, 0.1, key, momentum=0.9, leaves="cyclic"
+    ),
+}
+
 
 def make_params():
     """Float32 and bfloat16 leaves, nested; the first axis of ``w`` splits 8 ways."""
@@ -142,6 +161,13 @@ RESUME_CASES = [
     ),
     ("pgd", "raw"),
     ("pgd", "typed_rbg"),
+    # The family shares the key handling too: one kind each, rbg where the
+    # noise is regenerated (the state's impl code must survive the restore).
+    ("fractional_pgd_stored", "raw"),
+    ("fractional_pgd_regenerated", "typed_rbg"),
+    ("anti_pgd_partial", "int"),
+    ("pgd_cyclic", "typed_threefry"),
+    ("anti_pgd_cyclic", "typed_rbg"),
 ]
 
 
@@ -149,7 +175,7 @@ RESUME_CASES = [
 def test_orbax_resume_is_bit_identical_to_uninterrupted_run(
     tmp_path, optimizer, key_kind
 ):
-    opt = OPTIMIZERS[optimizer](KEYS[key_kind]())
+    opt = {**OPTIMIZERS, **FAMILY}[optimizer](KEYS[key_kind]())
     assert_resume_is_bit_identical(opt, tmp_path / "checkpoints")
 
 
@@ -181,9 +207,10 @@ def next_updates(update, opt_state):
     return update(grads, opt_state, params)
 
 
-@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+# The 7-slot ring of the fractional filter: a tuple of trees through msgpack.
+@pytest.mark.parametrize("optimizer", [*OPTIMIZERS, "fractional_pgd_stored"])
 def test_serialized_state_gives_the_same_next_updates(optimizer):
-    opt = OPTIMIZERS[optimizer](jax.random.key(5, impl="rbg"))
+    opt = {**OPTIMIZERS, **FAMILY}[optimizer](jax.random.key(5, impl="rbg"))
     init = jax.jit(opt.init)
     _, opt_state = run(make_step(opt), make_params(), init(make_params()), 3)
     update = jax.jit(opt.update)
@@ -315,7 +342,7 @@ RESUME_SHARDED = """
         for leaf, s in pairs:
             assert leaf.sharding.is_equivalent_to(s, leaf.ndim), (leaf.sharding, s)
         if store_noise:
-            noise = restored["opt_state"][-1].noise["dense"]["w"]
+            noise = restored["opt_state"][-1].noise[0]["dense"]["w"]
             assert len(noise.sharding.device_set) == 8
         resumed = t.run(step, restored["params"], restored["opt_state"],
                         t.TOTAL_STEPS - t.SAVE_AT)

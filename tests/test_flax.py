@@ -5,6 +5,7 @@ import flax.linen as nn
 import flax.serialization
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
@@ -79,8 +80,16 @@ def test_nnx_optimizer_trains_under_nnx_jit(store_noise):
     assert isinstance(noise_state, ap.AnticorrelatedNoiseState)
     assert int(noise_state.count) == NUM_STEPS
     # wrt=nnx.Param: only the parameters carry noise, not the batch statistics.
-    if store_noise:
-        chex.assert_trees_all_equal_shapes(noise_state.noise, params_of(model))
+    # Anti-PGD's ring is one slot, xi_n; store_noise=False keeps none.
+    assert len(noise_state.noise) == (1 if store_noise else 0)
+    for noise in noise_state.noise:
+        chex.assert_trees_all_equal_shapes(noise, params_of(model))
+    # The whole model state (batch statistics included) is not the tree init
+    # saw: refused in both store modes, never answered with other noise.
+    with pytest.raises(ValueError, match="not the tree"):
+        ap.denoised_params(
+            nnx.as_pure(optimizer.opt_state), nnx.as_pure(nnx.state(model))
+        )
 
     # denoised_params on the NNX state: v_{n+1} = v_n - lr * grad L(w_n), plain
     # SGD with the gradient taken at the perturbed weights w_n.
@@ -93,6 +102,68 @@ def test_nnx_optimizer_trains_under_nnx_jit(store_noise):
     # ... and the noisy weights are the noise (0.05 per element) away.
     noisy = params_of(model)
     assert optax.tree.norm(jax.tree.map(jnp.subtract, noisy, expected)) > 0.2
+
+
+def test_nnx_fractional_pgd_keeps_a_ring_of_params_and_follows_its_law():
+    # fractional_pgd stored: K = 8 taps, a ring of 7 params-like trees. One
+    # step moves the weights by -lr * g + sum_j c_j xi_{n+1-j}; the filter's
+    # coefficients sum to s != 0, so denoised_params (which subtracts the noise
+    # in flight, sum_{j<K-1} D_j xi_{n-j}, D_j = c_0 + ... + c_j) moves by
+    # -lr * g + s * xi_{n+2-K}: the oldest draw, the one leaving the ring.
+    # sigma = 0.01: the filter's sum s = 0.39 lets s * sigma random-walk the
+    # weights, and 40 steps must still halve the loss (plain SGD: 0.45x).
+    hurst, num_taps, noise_std = 0.25, 8, 0.01
+    tx = ap.fractional_pgd(LEARNING_RATE, noise_std, key=3, hurst=hurst)
+    model, optimizer = make_nnx(tx)
+    losses = nnx_train(model, optimizer, NUM_STEPS)
+    assert losses[-1] < 0.5 * losses[0], losses
+    noise_state = nnx.as_pure(optimizer.opt_state)[-1]
+    assert isinstance(noise_state, ap.CorrelatedNoiseState)
+    assert int(noise_state.count) == NUM_STEPS
+    assert len(noise_state.noise) == num_taps - 1
+    for noise in noise_state.noise:
+        chex.assert_trees_all_equal_shapes_and_dtypes(noise, params_of(model))
+    coefficients = ap.fractional_coefficients(hurst, num_taps)
+    np.testing.assert_array_equal(
+        noise_state.coefficients, coefficients.astype(np.float32)
+    )
+
+    before, ring_before = params_of(model), noise_state.noise
+    denoised = nnx_denoised(model, optimizer)
+    _, grads = nnx_train_step(model, optimizer, *make_data())
+    grads = nnx.as_pure(grads)
+    ring_after = nnx.as_pure(optimizer.opt_state)[-1].noise
+    # xi_m sits in slot m mod 7: at n = NUM_STEPS the update drew xi_{n+1}
+    # into slot (n + 1) mod 7, over xi_{n-6}; the other slots are untouched.
+    new_slot = (NUM_STEPS + 1) % (num_taps - 1)
+    for slot in range(num_taps - 1):
+        if slot != new_slot:
+            chex.assert_trees_all_equal(ring_after[slot], ring_before[slot])
+    # A fresh draw: xi_{n+1} - xi_{n-6} has norm sigma * sqrt(2 * size).
+    size = sum(leaf.size for leaf in jax.tree.leaves(before))
+    fresh = jax.tree.map(jnp.subtract, ring_after[new_slot], ring_before[new_slot])
+    assert optax.tree.norm(fresh) > 0.5 * noise_std * np.sqrt(2 * size)
+    # xi_{n+1-j} for j = 0 .. 7: the new draw, then xi_n, ..., xi_{n-6}.
+    draws = [ring_after[new_slot]] + [
+        ring_before[(NUM_STEPS - j) % (num_taps - 1)] for j in range(num_taps - 1)
+    ]
+    noise = jax.tree.map(
+        lambda *xs: sum(float(c) * x for c, x in zip(coefficients, xs, strict=True)),
+        *draws,
+    )
+    expected = jax.tree.map(
+        lambda w, g, p: w - LEARNING_RATE * g + p, before, grads, noise
+    )
+    # Float32 rounding of the filter's 8 terms and of the update.
+    chex.assert_trees_all_close(params_of(model), expected, atol=1e-6)
+    oldest = ring_before[new_slot]
+    expected = jax.tree.map(
+        lambda v, g, x: v - LEARNING_RATE * g + float(coefficients.sum()) * x,
+        denoised,
+        grads,
+        oldest,
+    )
+    chex.assert_trees_all_close(nnx_denoised(model, optimizer), expected, atol=1e-6)
 
 
 def test_nnx_store_modes_agree():
@@ -173,6 +244,9 @@ def test_linen_train_state_trains_under_jit(store_noise):
     chex.assert_trees_all_close(
         ap.denoised_params(state.opt_state, state.params), expected, atol=1e-6
     )
+    # Linen's variables dict is not the tree init saw: refused in both modes.
+    with pytest.raises(ValueError, match="not the tree"):
+        ap.denoised_params(state.opt_state, {"params": state.params})
 
     # flax.serialization of the whole TrainState, into a fresh one.
     restored = flax.serialization.from_bytes(

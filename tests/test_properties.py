@@ -72,9 +72,17 @@ trees = st.recursive(
     max_leaves=8,
 )
 
+# Distinct coefficients that sum to 0: a slot read at the wrong lag changes
+# the numbers, and a schedule that reaches 0 cancels the noise in K - 1 steps.
+THREE_TAPS = (1.0, -0.6, -0.4)
+HURST = 0.25
+
 NOISE = {
     "independent": lambda std, key, dist: ap.add_independent_noise(
         std, key, distribution=dist
+    ),
+    "independent_cyclic": lambda std, key, dist: ap.add_independent_noise(
+        std, key, distribution=dist, leaves="cyclic"
     ),
     "anticorrelated_stored": lambda std, key, dist: ap.add_anticorrelated_noise(
         std, key, distribution=dist
@@ -82,6 +90,34 @@ NOISE = {
     "anticorrelated_regenerated": lambda std, key, dist: ap.add_anticorrelated_noise(
         std, key, distribution=dist, store_noise=False
     ),
+    "anticorrelated_cyclic": lambda std, key, dist: ap.add_anticorrelated_noise(
+        std, key, distribution=dist, leaves="cyclic"
+    ),
+    "correlated_3tap": lambda std, key, dist: ap.add_correlated_noise(
+        std, key, coefficients=THREE_TAPS, distribution=dist
+    ),
+    "fractional_stored": lambda std, key, dist: ap.add_fractional_noise(
+        std, key, hurst=HURST, distribution=dist
+    ),
+    "fractional_regenerated": lambda std, key, dist: ap.add_fractional_noise(
+        std, key, hurst=HURST, distribution=dist, store_noise=False
+    ),
+}
+# The K - 1 params-like trees the state of each stored kind keeps; the other
+# correlated kinds keep none (an empty ring).
+STORED_SLOTS = {
+    "anticorrelated_stored": 1,
+    "anticorrelated_cyclic": 1,
+    "correlated_3tap": 2,
+    "fractional_stored": 7,
+}
+CORRELATED = {
+    "anticorrelated_stored",
+    "anticorrelated_regenerated",
+    "anticorrelated_cyclic",
+    "correlated_3tap",
+    "fractional_stored",
+    "fractional_regenerated",
 }
 noise_kinds = st.sampled_from(sorted(NOISE))
 distributions = st.sampled_from(["gaussian", "rademacher"])
@@ -93,6 +129,23 @@ def is_float(leaf):
 
 def num_noised_elements(tree):
     return sum(leaf.size for leaf in jax.tree.leaves(tree) if is_float(leaf))
+
+
+def float_leaves(tree):
+    return [leaf for leaf in jax.tree.leaves(tree) if is_float(leaf)]
+
+
+def num_drawn_elements(tree, kind, num_steps=2):
+    """Elements whose noise ``run_updates`` draws: all, or the cyclic few.
+
+    Cyclic leaves: update ``n`` draws float leaf ``n mod L`` (independent
+    noise), or leaf ``(n + 1) mod L`` after init drew leaf 0 (anticorrelated).
+    """
+    leaves = float_leaves(tree)
+    if not kind.endswith("cyclic") or not leaves:
+        return num_noised_elements(tree)
+    steps = range(num_steps) if kind == "independent_cyclic" else range(num_steps + 1)
+    return sum(leaves[index].size for index in {n % len(leaves) for n in steps})
 
 
 def run_updates(transform, tree, num_steps=2):
@@ -123,9 +176,12 @@ def test_updates_keep_structure_shapes_and_dtypes(tree, kind, distribution):
     assert_same_structure_shapes_dtypes(second, tree)
     # The state keeps its structure, shapes and dtypes: lax.scan can carry it.
     assert_same_structure_shapes_dtypes(last_state, state)
-    if kind == "anticorrelated_stored":
+    if kind in CORRELATED:
+        # A ring of K - 1 trees like the float leaves of the params, or none.
+        assert len(last_state.noise) == STORED_SLOTS.get(kind, 0)
         expected_noise = jax.tree.map(lambda x: x if is_float(x) else None, tree)
-        assert_same_structure_shapes_dtypes(last_state.noise, expected_noise)
+        for noise in last_state.noise:
+            assert_same_structure_shapes_dtypes(noise, expected_noise)
 
 
 @PROPERTY_SETTINGS
@@ -151,8 +207,9 @@ def test_zero_noise_is_the_identity(tree, kind, distribution):
     for updates in all_updates:
         chex.assert_trees_all_equal(updates, tree)
         chex.assert_trees_all_equal_dtypes(updates, tree)
-    if kind == "anticorrelated_stored":
-        for noise in jax.tree.leaves(state.noise):
+    if kind in STORED_SLOTS:
+        assert len(state.noise) == STORED_SLOTS[kind]
+        for noise in jax.tree.leaves(state.noise):  # every slot of the ring
             np.testing.assert_array_equal(noise, np.zeros_like(noise))
 
 
@@ -170,60 +227,186 @@ def test_same_key_gives_the_same_updates(tree, kind, distribution, seed):
     for other in runs[1:]:
         chex.assert_trees_all_equal(other, runs[0])
     # A different key gives different noise (given enough elements that a
-    # coincidence is out of the question: at most 3/8 per element).
-    if num_noised_elements(tree) >= 32:
+    # coincidence is out of the question: at most 3/8 per element). Cyclic
+    # kinds draw on a few leaves only: count the elements of those.
+    if num_drawn_elements(tree, kind) >= 32:
         other_key = run_updates(NOISE[kind](1.0, seed + 1, distribution), tree)[0]
         a, b = jax.tree.leaves(runs[0][0]), jax.tree.leaves(other_key)
         assert not all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
 
 
+# The filters of the family with a ring to keep (K > 1), by coefficients. The
+# fractional filter with 4 taps: a ring of 3 wraps like the default ring of 7
+# in half the eager steps (each example runs K + 1 of them, in both modes).
+FILTERS = {
+    "anticorrelated": (1.0, -1.0),
+    "partially_anticorrelated": (1.0, -0.5),
+    "correlated_3tap": THREE_TAPS,
+    "fractional": tuple(ap.fractional_coefficients(HURST, 4)),
+}
+
+
 @PROPERTY_SETTINGS
 @hypothesis.given(
     tree=trees,
+    filter_name=st.sampled_from(sorted(FILTERS)),
+    leaves=st.sampled_from(["all", "cyclic"]),
     distribution=distributions,
     schedule=st.booleans(),
 )
-def test_store_modes_agree(tree, distribution, schedule):
+def test_store_modes_agree(tree, filter_name, leaves, distribution, schedule):
     # A schedule that reaches 0 at the second update covers the cancellation.
     noise_std = optax.linear_schedule(1.0, 0.0, 2) if schedule else 0.7
-    stored, _ = run_updates(
-        ap.add_anticorrelated_noise(noise_std, 1, distribution=distribution),
-        tree,
-        num_steps=3,
-    )
-    regenerated, _ = run_updates(
-        ap.add_anticorrelated_noise(
-            noise_std, 1, distribution=distribution, store_noise=False
-        ),
-        tree,
-        num_steps=3,
-    )
-    # Both compute the same expressions from the same draws: exactly equal.
+    coefficients = FILTERS[filter_name]
+    # K + 1 updates: the ring wraps around, every slot is overwritten.
+    num_steps = len(coefficients) + 1
+
+    def make(store_noise):
+        return ap.add_correlated_noise(
+            noise_std,
+            1,
+            coefficients=coefficients,
+            leaves=leaves,
+            distribution=distribution,
+            store_noise=store_noise,
+        )
+
+    stored, stored_state = run_updates(make(True), tree, num_steps)
+    regenerated, regenerated_state = run_updates(make(False), tree, num_steps)
+    assert len(stored_state.noise) == len(coefficients) - 1
+    assert regenerated_state.noise == ()
+    # Both compute the same expressions from the same draws, in the same order
+    # and dtypes (the regenerated draw is cast to the update's dtype, which is
+    # the params' here, as the stored one is): exactly equal.
     chex.assert_trees_all_equal(regenerated, stored)
     chex.assert_trees_all_equal_dtypes(regenerated, stored)
+    # ... and so is the noise-free iterate, subtracted from the stored ring or
+    # from the draws regenerated from the key.
+    chex.assert_trees_all_equal(
+        ap.denoised_params(regenerated_state, tree),
+        ap.denoised_params(stored_state, tree),
+    )
+
+
+@pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
+@PROPERTY_SETTINGS
+@hypothesis.given(tree=trees, anticorrelated=st.booleans())
+# Two leaves of one shape and dtype, drawn by one loop on CPU: the leaf that
+# does not draw once got +sigma with Rademacher noise (zero words unpacked to
+# +1 signs), fixed in ee27095.
+@hypothesis.example(
+    tree={"a": np.float32(0.5), "b": {"a": np.float32(-1.0)}}, anticorrelated=False
+)
+def test_cyclic_leaves_draw_one_float_leaf_per_step_in_tree_order(
+    tree, anticorrelated, distribution
+):
+    # Updates of zeros: update n is the perturbation itself, exactly. Float
+    # leaf n mod L draws at step n (tree order, so each leaf once per cycle of
+    # L steps) and the others get exactly 0; with Anti-PGD the perturbation
+    # xi_{n+1} - xi_n touches at most leaves n and n + 1 (mod L), and the ring
+    # holds xi_{n+1}, nonzero on leaf n + 1 only.
+    zeros = jax.tree.map(lambda x: jnp.zeros_like(x) if is_float(x) else x, tree)
+    num_leaves = len(float_leaves(tree))
+    # An empty leaf draws when its turn comes but cannot show it.
+    shown = {i for i, leaf in enumerate(float_leaves(tree)) if leaf.size}
+    if anticorrelated:
+        transform = ap.add_anticorrelated_noise(
+            1.0, 3, distribution=distribution, leaves="cyclic"
+        )
+    else:
+        transform = ap.add_independent_noise(
+            1.0, 3, distribution=distribution, leaves="cyclic"
+        )
+    update = jax.jit(transform.update)
+    state = transform.init(zeros)
+    if anticorrelated:
+        assert drawn_leaves(state.noise[0]) == {0} & shown
+    for n in range(num_leaves + 2):
+        updates, state = update(zeros, state)
+        for index, (leaf, update_leaf) in enumerate(
+            zip(jax.tree.leaves(zeros), jax.tree.leaves(updates), strict=True)
+        ):
+            if not is_float(leaf):
+                np.testing.assert_array_equal(update_leaf, leaf)
+                assert update_leaf.dtype == leaf.dtype, index
+        if not num_leaves:
+            continue
+        active = n % num_leaves
+        if not anticorrelated:
+            assert drawn_leaves(updates) == {active} & shown, n
+            continue
+        following = (n + 1) % num_leaves
+        assert drawn_leaves(state.noise[0]) == {following} & shown, n
+        # With one leaf both draws land on it and may cancel elementwise.
+        if num_leaves > 1:
+            assert drawn_leaves(updates) == {active, following} & shown, n
+    assert int(state.count) == num_leaves + 2
+
+
+def drawn_leaves(tree):
+    """Indices (among float leaves) of the leaves that are nonzero everywhere.
+
+    Asserts that every other float leaf is exactly zero: no leaf may be
+    nonzero in part only (a normal draw is 0 with probability 0, also once
+    cast to float16; a Rademacher draw never). Empty leaves are never listed.
+    """
+    drawn = set()
+    for index, leaf in enumerate(float_leaves(tree)):
+        values = np.asarray(leaf, np.float32)
+        if values.size and np.all(values != 0):
+            drawn.add(index)
+        else:
+            np.testing.assert_array_equal(values, 0, err_msg=f"leaf {index}")
+    return drawn
 
 
 LONG_RUN_STEPS = 100_000
 
 
-@pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
-@pytest.mark.parametrize("kind", ["independent", "anticorrelated_stored"])
+# The 7-slot ring once: its writes do not depend on the distribution.
+@pytest.mark.parametrize(
+    ("kind", "distribution"),
+    [
+        *(
+            (kind, distribution)
+            for kind in ("independent", "anticorrelated_stored")
+            for distribution in ("gaussian", "rademacher")
+        ),
+        ("fractional_stored", "gaussian"),
+    ],
+)
 def test_100k_steps_under_scan_keep_the_noise_statistics(kind, distribution):
     # z_n of a 64-element leaf for n = 0 .. 100k: every draw must be fresh
     # (no stream reuse as the counter grows), standardised and uncorrelated
-    # with the draws before it, near and far.
+    # with the draws before it, near and far. Stored kinds: update n writes
+    # xi_{n+1} into ring slot (n + 1) mod (K - 1) and leaves the others alone.
+    #
+    # A real scan of 100k steps, not one update vmapped over states built at
+    # chosen counts: the scan takes 1 to 2 s a case on CPU (about 10 us a
+    # step), and the vmapped version, measured, was no faster (1.5 to 5 s a
+    # case: compiling dominates both), while it checks less (states built,
+    # not carried).
     noise_std = 0.5
     transform = NOISE[kind](noise_std, 7, distribution)
     leaf = jnp.zeros(64)
+    num_slots = STORED_SLOTS.get(kind, 0)
 
     def step(state, _):
-        updates, state = transform.update(leaf, state)
-        return state, state.noise if kind == "anticorrelated_stored" else updates
+        updates, new_state = transform.update(leaf, state)
+        if not num_slots:
+            return new_state, (updates, True)
+        written = jnp.mod(new_state.count, num_slots)
+        others_kept = jnp.asarray(True)
+        for slot in range(num_slots):
+            kept = jnp.all(new_state.noise[slot] == state.noise[slot])
+            others_kept &= (written == slot) | kept
+        return new_state, (jnp.stack(new_state.noise)[written], others_kept)
 
-    state, draws = jax.jit(
+    state, (draws, others_kept) = jax.jit(
         lambda: jax.lax.scan(step, transform.init(leaf), length=LONG_RUN_STEPS)
     )()
     assert int(state.count) == LONG_RUN_STEPS
+    assert bool(jnp.all(others_kept))
     z = np.asarray(draws, np.float64) / noise_std  # row n: z_n (or z_{n+1})
     assert z.shape == (LONG_RUN_STEPS, 64)
 
@@ -256,6 +439,10 @@ STRICT_TREE = {
     "none": None,
 }
 
+# The Rademacher draw does not depend on the filter: the three original kinds
+# cover it. Rings of K - 1 > 1 slots: the 3-tap filter, stored, and the 3-tap
+# schedule below, regenerated; the 8-tap fractional filter is compiled in the
+# fractional_pgd alias test (its eager steps cost seconds each).
 STRICT_TRANSFORMS = {
     **{
         f"{kind}_{distribution}": functools.partial(
@@ -263,24 +450,45 @@ STRICT_TRANSFORMS = {
         )
         for kind in NOISE
         for distribution in ("gaussian", "rademacher")
+        if kind
+        in ("independent", "anticorrelated_stored", "anticorrelated_regenerated")
+        or (distribution == "gaussian" and not kind.startswith("fractional"))
     },
     "anticorrelated_schedule": lambda: ap.add_anticorrelated_noise(
         optax.exponential_decay(0.5, 1, 0.5), 0
     ),
+    "correlated_schedule_regenerated": lambda: ap.add_correlated_noise(
+        optax.exponential_decay(0.5, 1, 0.5),
+        0,
+        coefficients=THREE_TAPS,
+        store_noise=False,
+    ),
     "inject_hyperparams": lambda: optax.inject_hyperparams(ap.add_anticorrelated_noise)(
         noise_std=0.5, key=0, store_noise=False
     ),
+    # The correlation arrives as a traced float32 array.
+    "inject_hyperparams_correlation": lambda: optax.inject_hyperparams(
+        ap.add_anticorrelated_noise
+    )(noise_std=0.5, key=0, correlation=0.5),
+}
+# Those whose state holds a CorrelatedNoiseState: denoised_params applies.
+STRICT_DENOISED = {
+    name
+    for name in STRICT_TRANSFORMS
+    if name.startswith(("anticorrelated", "correlated", "fractional", "inject"))
 }
 # optax.inject_hyperparams itself promotes the dtypes of all the leaves in
 # init (optax.tree_utils.tree_dtype), which strict promotion refuses for a
 # tree that mixes float widths, ints and bools: give it one float dtype.
+ONE_FLOAT_DTYPE_TREE = {
+    "f32": STRICT_TREE["f32"],
+    "scalar": jnp.float32(2),
+    "empty": STRICT_TREE["empty"],
+    "none": None,
+}
 STRICT_TREES = {
-    "inject_hyperparams": {
-        "f32": STRICT_TREE["f32"],
-        "scalar": jnp.float32(2),
-        "empty": STRICT_TREE["empty"],
-        "none": None,
-    }
+    "inject_hyperparams": ONE_FLOAT_DTYPE_TREE,
+    "inject_hyperparams_correlation": ONE_FLOAT_DTYPE_TREE,
 }
 
 
@@ -297,15 +505,24 @@ def test_transforms_work_under_strict_promotion(name, jit):
         for _ in range(2):
             updates, state = update(tree, state)
         assert_same_structure_shapes_dtypes(updates, tree)
-        if name.startswith("anticorrelated") or name == "inject_hyperparams":
+        if name in STRICT_DENOISED:
             denoised = ap.denoised_params(state, tree)
             assert_same_structure_shapes_dtypes(denoised, tree)
 
 
-@pytest.mark.parametrize("alias", ["pgd", "anti_pgd"])
+STRICT_ALIASES = {
+    "pgd": lambda: ap.pgd(0.1, 0.01, 0, momentum=0.9),
+    "anti_pgd": lambda: ap.anti_pgd(0.1, 0.01, 0, momentum=0.9),
+    "fractional_pgd": lambda: ap.fractional_pgd(
+        0.1, 0.01, 0, hurst=HURST, momentum=0.9
+    ),
+}
+
+
+@pytest.mark.parametrize("alias", STRICT_ALIASES)
 def test_aliases_work_under_strict_promotion(alias):
     params = {"f32": STRICT_TREE["f32"], "bf16": STRICT_TREE["bf16"]}
-    opt = getattr(ap, alias)(0.1, 0.01, 0, momentum=0.9)
+    opt = STRICT_ALIASES[alias]()
 
     def loss(params):
         return jnp.sum(params["f32"] ** 2) + jnp.sum(params["bf16"] ** 2).astype(

@@ -26,7 +26,14 @@ import pytest
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
-OPTIMIZERS = ("pgd", "anti_pgd", "anti_pgd_regenerated", "anti_pgd_rademacher")
+OPTIMIZERS = (
+    "pgd",
+    "anti_pgd",
+    "anti_pgd_regenerated",
+    "anti_pgd_rademacher",
+    "fractional_pgd",
+    "pgd_cyclic",
+)
 TIMEOUT_S = 600
 
 
@@ -201,21 +208,30 @@ def test_shard_map_with_axis_index_in_key_draws_distinct_noise(checks, optimizer
     _outcome(checks, "shard_map_with_axis_index_in_key_draws_distinct_noise", optimizer)
 
 
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_eager_init_on_sharded_params_never_moves_a_whole_leaf(checks, optimizer):
+    """Eager init and update on params over 8 devices draw each block in place."""
+    _outcome(checks, "eager_init_on_sharded_params_never_moves_a_whole_leaf", optimizer)
+
+
 # ------------------------------------------------ several jax.distributed processes
 
 
 def test_two_processes_end_bit_identical_and_equal_one_process_run(tmp_path):
+    """Noise bit for bit across topologies; all-reduced quantities to rounding."""
+    num_devices = 4
     worker = [sys.executable, str(TESTS / "_distributed_worker.py"), "--steps", "20"]
     port = str(_free_port())
     commands = [
         worker
         + ["--num-processes", "2", "--process-id", str(process_id), "--port", port]
-        + ["--local-devices", "2", "--out", str(tmp_path / f"{process_id}.npz")]
+        + ["--local-devices", str(num_devices // 2)]
+        + ["--out", str(tmp_path / f"{process_id}.npz")]
         for process_id in range(2)
     ]
     commands.append(
         worker
-        + ["--num-processes", "1", "--local-devices", "4"]
+        + ["--num-processes", "1", "--local-devices", str(num_devices)]
         + ["--out", str(tmp_path / "single.npz")]
     )
     for returncode, output in _run_all(commands, tmp_path):
@@ -224,27 +240,83 @@ def test_two_processes_end_bit_identical_and_equal_one_process_run(tmp_path):
         dict(np.load(tmp_path / f"{name}.npz")) for name in ("0", "1", "single")
     )
     assert set(first) == set(second) == set(single)
-    assert any(name.startswith("noise_only[") for name in first)
+    # The two processes hold copies of the same replicated arrays, all-reduced
+    # ones included: bit for bit.
     for name in first:
         np.testing.assert_array_equal(first[name], second[name], err_msg=name)
-        if name.startswith("noise_only"):
-            np.testing.assert_array_equal(first[name], single[name], err_msg=name)
-        else:
-            # The all-reduce of the gradients sums in another order over gloo
-            # than within one process: last-bit differences, kept small by 20
-            # steps of gradient descent.
-            np.testing.assert_allclose(
-                first[name], single[name], rtol=1e-5, atol=1e-6, err_msg=name
-            )
+
+    # The noise is a function of the key, the step count and the leaf's path:
+    # bit for bit in any topology, and the same whether or not the params
+    # trained. The noise-only run (learning rate 0) adds it to the initial
+    # params with no reduction in between, so its params are exact too.
+    exact = [
+        name
+        for name in first
+        if name.startswith(
+            ("noise_only/noise[", "trained/noise[", "noise_only/params[")
+        )
+    ]
+    assert len(exact) == 3 * 4, sorted(first)
+    for name in exact:
+        np.testing.assert_array_equal(first[name], single[name], err_msg=name)
+        if name.startswith("trained/noise["):
+            untrained = name.replace("trained/", "noise_only/")
+            np.testing.assert_array_equal(first[name], first[untrained], err_msg=name)
+
+    # A loss is a mean of squares over the batch, whose rows the devices hold.
+    # Each device sums its 8 rows, the same in both topologies; the all-reduce
+    # adds the devices' partial sums in an order the topology sets: left to
+    # right within one process, per process first and then over gloo with two.
+    # Any order of n terms of one sign (here n = num_devices partial sums of
+    # squares) is within (n - 1) u of their exact sum (u = eps / 2; Higham,
+    # Accuracy and Stability of Numerical Algorithms, 4.2), so two orders
+    # differ by at most (n - 1) eps relative, and the division by the batch
+    # size rounds each once more: num_devices * eps in all. Seen: 1 ulp.
+    once_reduced = ["initial_loss", "noise_only/loss"]
+    for name in once_reduced:
+        np.testing.assert_allclose(
+            first[name],
+            single[name],
+            rtol=num_devices * np.finfo(np.float32).eps,
+            atol=0,
+            err_msg=name,
+        )
+
+    # The trained run all-reduces the gradients at every step: last-bit
+    # differences, kept small by 20 steps of gradient descent.
+    trained = [name for name in first if name.startswith("trained/params[")]
+    trained.append("trained/loss")
+    assert sorted(exact + once_reduced + trained) == sorted(first), sorted(first)
+    for name in trained:
+        np.testing.assert_allclose(
+            first[name], single[name], rtol=1e-5, atol=1e-6, err_msg=name
+        )
     assert first["trained/loss"] < 0.9 * first["initial_loss"]
 
 
 # --------------------------------------------------------------------- example
 
-# Not anchored at the line start: two processes share one stdout, and a line of
-# one can land right after an unterminated write of the other.
-_LOSS = re.compile(r"(initial|final|denoised) loss (\S+)$", re.MULTILINE)
-_DIGEST = re.compile(r"process (\d+): params sha256 (\w+)$", re.MULTILINE)
+# The launcher forwards each process's output whole line by whole line, each
+# line prefixed with "[process i] "; a single process prints unprefixed lines.
+_PROCESS_LINE = re.compile(r"\[process (\d+)\] (.*)")
+_LOSS = re.compile(r"^(initial|final|denoised) loss (\S+)$", re.MULTILINE)
+_DIGEST = re.compile(r"^process (\d+): params sha256 (\w+)$", re.MULTILINE)
+
+
+def _output_by_process(output: str) -> dict[int, str]:
+    """The lines of each process in the launcher's output, prefixes removed."""
+    lines = {}
+    for line in output.splitlines():
+        if match := _PROCESS_LINE.fullmatch(line):
+            lines.setdefault(int(match[1]), []).append(match[2])
+    return {process_id: "\n".join(text) for process_id, text in lines.items()}
+
+
+def _losses(output: str) -> dict[str, float]:
+    found = _LOSS.findall(output)
+    losses = {kind: float(value) for kind, value in found}
+    assert len(losses) == len(found), found
+    return losses
 
 
 def test_data_parallel_example_runs_on_one_and_on_two_processes(tmp_path):
@@ -259,15 +331,28 @@ def test_data_parallel_example_runs_on_one_and_on_two_processes(tmp_path):
     )
     _assert_succeeded(one_code, one_process)
     _assert_succeeded(two_code, two_processes)
+    by_process = _output_by_process(two_processes)
+    assert set(by_process) == {0, 1}, two_processes
+
     assert "1 process(es), 4 device(s) (4 local, cpu)" in one_process
-    assert "2 process(es), 4 device(s) (2 local, cpu)" in two_processes
-    one_losses = {kind: float(value) for kind, value in _LOSS.findall(one_process)}
-    two_losses = {kind: float(value) for kind, value in _LOSS.findall(two_processes)}
+    assert "2 process(es), 4 device(s) (2 local, cpu)" in by_process[0]
+    one_losses = _losses(one_process)
     assert set(one_losses) == {"initial", "final", "denoised"}, one_process
     assert one_losses["final"] < one_losses["initial"]
-    # Printed to 6 decimals; the runs differ by the all-reduce's rounding only.
+    # Only process 0 reports; its losses differ from the one-process run's by
+    # the all-reduce's rounding only, and are printed to 6 decimals.
+    two_losses = _losses(by_process[0])
+    assert set(two_losses) == set(one_losses), by_process[0]
+    assert _losses(by_process[1]) == {}, by_process[1]
     for kind, loss in one_losses.items():
         assert abs(two_losses[kind] - loss) <= 2e-6, (kind, two_losses, one_losses)
-    digests = dict(_DIGEST.findall(two_processes))
-    assert set(digests) == {"0", "1"}, two_processes
-    assert digests["0"] == digests["1"]
+
+    # Each process prints a digest of its own copy of the params: all alike.
+    digests = {}
+    for process_id, output in by_process.items():
+        found = _DIGEST.findall(output)
+        assert len(found) == 1, output
+        [(printed_id, digest)] = found
+        assert int(printed_id) == process_id, output
+        digests[process_id] = digest
+    assert digests[0] == digests[1], digests
