@@ -324,6 +324,15 @@ def _drawn_alone(keys, leaves, indices, scale, distribution, active):
     return jax.lax.switch(branch, branches)
 
 
+@functools.lru_cache(maxsize=32)
+def _spread_draw(paths, distribution, cyclic, shardings):
+    """The draw compiled with ``shardings``, once for every step it draws."""
+    draw = functools.partial(
+        _noise_list, paths=list(paths), distribution=distribution, cyclic=cyclic
+    )
+    return jax.jit(draw, out_shardings=list(shardings))
+
+
 def tree_noise(
     key: jax.Array,
     step: jax.Array,
@@ -351,15 +360,16 @@ def tree_noise(
     paths = [paths_leaves[index][0] for index in floats]
     noise = [None] * len(paths_leaves)
     if leaves:
-        draw = functools.partial(
-            _noise_list, paths=paths, distribution=distribution, cyclic=cyclic
-        )
-        shardings = [_spread_sharding(leaf) for leaf in leaves]
+        shardings = tuple(_spread_sharding(leaf) for leaf in leaves)
         if any(shardings):
             # Concrete params spread over devices (an eager init): compile the
             # draw with the leaves' shardings, so that each device draws only
             # its block instead of the whole leaf being drawn on one device.
-            draw = jax.jit(draw, out_shardings=shardings)
+            draw = _spread_draw(tuple(paths), distribution, cyclic, shardings)
+        else:
+            draw = functools.partial(
+                _noise_list, paths=paths, distribution=distribution, cyclic=cyclic
+            )
         values = draw(key, step, leaves, scale=scale)
         for index, value in zip(floats, values, strict=True):
             noise[index] = value
