@@ -27,6 +27,7 @@ def main() -> None:
 
     # The host platform's device count is read when jax initialises its backend.
     os.environ["XLA_FLAGS"] = (
+        f"{os.environ.get('XLA_FLAGS', '')} "
         f"--xla_force_host_platform_device_count={args.local_devices}"
     )
     import jax

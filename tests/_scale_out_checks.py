@@ -11,7 +11,9 @@ the JSON file named by the only argument::
 
 import os
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+)
 
 import functools  # noqa: E402
 import json  # noqa: E402

@@ -357,6 +357,9 @@ def test_orbax_resume_of_a_state_sharded_over_8_devices(tmp_path):
     out = run_python(
         RESUME_SHARDED,
         tmp_path,
-        env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
+        env={
+            "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")
+            + " --xla_force_host_platform_device_count=8"
+        },
     )
     assert "resumed bit-identically on 8 devices" in out

@@ -40,7 +40,11 @@ TIMEOUT_S = 600
 def _env():
     env = dict(os.environ)
     # Each script sets its own device count before it imports jax.
-    env.pop("XLA_FLAGS", None)
+    env["XLA_FLAGS"] = " ".join(
+        flag
+        for flag in env.get("XLA_FLAGS", "").split()
+        if not flag.startswith("--xla_force_host_platform_device_count")
+    )
     env["JAX_PLATFORMS"] = "cpu"
     return env
 
