@@ -478,8 +478,8 @@ def hessian_spectrum(
         import numpy as np
 
         nodes, weights = np.ravel(nodes), np.ravel(weights)
-        grid = np.linspace(nodes.min() - 0.1, nodes.max() + 0.1, 512)
         width = 0.02 * (nodes.max() - nodes.min())
+        grid = np.linspace(nodes.min() - 4 * width, nodes.max() + 4 * width, 512)
         kernel = np.exp(-0.5 * ((grid[:, None] - nodes[None, :]) / width) ** 2)
         density = kernel @ weights / (width * np.sqrt(2 * np.pi))
         # plt.semilogy(grid, density): the outliers are far below the bulk
