@@ -15,16 +15,28 @@ clean phase, so Anti-PGD returns to its noise-free iterate.
    ``Tr H`` by :func:`optax_antipgd.hessian_trace`, with ``optax.noisy_sgd``
    and ``optax.contrib.sam`` as extra rows.
 
+5. to 8. MNIST-1D with a small CNN (``mnist1d_experiments.py`` beside this
+   script): the paper's three deep-learning claims (large batch, a sharp
+   start, minibatch "Anti-SGD") and a sweep of the noise's correlation, with
+   noise levels chosen on a validation split.
+
 Prints a markdown table per experiment and writes them, with PNG figures, to
-``--out`` (default ``results/``). ``--quick`` runs everything at reduced size.
+``--out`` (default ``results/``). ``--quick`` runs everything at reduced size
+(a smoke run: its numbers mean nothing). ``--experiments`` runs a subset;
+``--seed N`` adds N to every seed (inits, noise, batch orders, the toy data and
+the validation split), for a re-run on seeds nobody chose settings on.
 
     python examples/reproduce_paper.py [--quick] [--out results/]
+        [--experiments valley,digits,mnist1d-minibatch,...] [--seed N]
+        [--mnist1d-loss ce|mse]
 """
 
 import argparse
+import concurrent.futures
 import dataclasses
 import functools
 import json
+import os
 import pathlib
 import time
 from collections.abc import Callable
@@ -33,6 +45,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import matplotlib
+import mnist1d_experiments
 import numpy as np
 import optax
 from flax import nnx
@@ -42,8 +55,8 @@ from tqdm import tqdm
 import optax_antipgd as ap
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 
 COLORS = {
     "GD": "tab:blue",
@@ -77,11 +90,27 @@ class Experiment:
     reference: dict[str, str]  # method -> the issue's reference value, if any
     exact_trace: bool = False  # whether metrics() gives Tr H exactly
     final_probes: int = 128  # Hutchinson probes for the final Tr H
+    lanczos_steps: int = 0  # > 0: the final lambda_max, by that many steps
 
     # Compiled once per experiment and shared by its methods (same params).
     @functools.cached_property
+    def init_fn(self) -> Callable[[jax.Array], Any]:
+        return jax.jit(jax.vmap(self.init))
+
+    @functools.cached_property
     def log_fn(self) -> Callable[[Any], dict[str, jax.Array]]:
         return jax.jit(jax.vmap(self.metrics))
+
+    @functools.cached_property
+    def lambda_max_fn(self) -> Callable[[Any], jax.Array]:
+        """The top Hessian eigenvalue at the final params of every seed."""
+        return jax.jit(
+            jax.vmap(
+                lambda p: ap.hessian_eigenvalues(
+                    self.loss, p, 11, k=1, num_matvecs=self.lanczos_steps
+                )[0]
+            )
+        )
 
     @functools.cached_property
     def final_trace_fn(self) -> Callable[[Any], jax.Array]:
@@ -112,18 +141,20 @@ def paper_methods(lr: float, noise_std: float, noisy_steps: int) -> tuple:
     )
 
 
-def train(experiment: Experiment, method: Method, seed: int) -> dict[str, np.ndarray]:
+def train(
+    experiment: Experiment, method: Method, seed: int
+) -> tuple[dict[str, np.ndarray], Any]:
     """Trains every seed at once; returns each metric as [seeds, points].
 
     The metric "Tr H" at the last point is recomputed with many probes unless
-    the experiment computes it exactly.
+    the experiment computes it exactly; "lambda_max" is the final one only.
+    Also returns the final params, leaves [seeds, ...].
     """
     grad_fn = jax.grad(experiment.loss)
     keys = jax.random.split(jax.random.key(seed), experiment.num_seeds)
+    init_keys, noise_keys = jnp.moveaxis(jax.vmap(jax.random.split)(keys), 1, 0)
 
-    def init(key):
-        init_key, noise_key = jax.random.split(key)
-        params = experiment.init(init_key)
+    def init(params, noise_key):
         return params, method.make(noise_key).init(params)
 
     def advance(carry, key):
@@ -139,7 +170,7 @@ def train(experiment: Experiment, method: Method, seed: int) -> dict[str, np.nda
 
         return jax.lax.scan(step, carry, length=experiment.chunk)[0]
 
-    carry = jax.jit(jax.vmap(init))(keys)
+    carry = jax.jit(jax.vmap(init))(experiment.init_fn(init_keys), noise_keys)
     advance = jax.jit(jax.vmap(advance), donate_argnums=0)
     logs = [jax.device_get(experiment.log_fn(carry[0]))]
     total = experiment.noisy_steps + experiment.clean_steps
@@ -155,13 +186,16 @@ def train(experiment: Experiment, method: Method, seed: int) -> dict[str, np.nda
     }
     if not experiment.exact_trace:
         logs["Tr H"][:, -1] = np.asarray(experiment.final_trace_fn(carry[0]))
-    return logs
+    if experiment.lanczos_steps:
+        logs["lambda_max"] = np.asarray(experiment.lambda_max_fn(carry[0]))[:, None]
+    return logs, carry[0]
 
 
 # 1. The widening valley -----------------------------------------------------
 
 
-def valley(quick: bool) -> Experiment:
+def valley(quick: bool, shift: int) -> Experiment:
+    del shift  # the same init for every seed and no data: nothing to shift
     dim, u_sq, v0 = 200, 100.0, 0.5
     noisy, clean = (10_000, 1_000) if quick else (100_000, 20_000)
 
@@ -200,10 +234,10 @@ def valley(quick: bool) -> Experiment:
 # 2. Sparse regression, w = v * v --------------------------------------------
 
 
-def sparse_regression(quick: bool) -> Experiment:
+def sparse_regression(quick: bool, shift: int) -> Experiment:
     dim, num_train, sparsity = 100, 40, 5
     noisy, clean = (10_000, 1_000) if quick else (100_000, 20_000)
-    data_key = jax.random.key(1)
+    data_key = jax.random.key(1 + shift)
     x = jax.random.normal(data_key, (num_train, dim))
     support = jax.random.permutation(jax.random.fold_in(data_key, 1), dim)[:sparsity]
     w_star = jnp.zeros(dim).at[support].set(1.0)
@@ -237,10 +271,10 @@ def sparse_regression(quick: bool) -> Experiment:
 # 3. Matrix sensing, X = U U^T -----------------------------------------------
 
 
-def matrix_sensing(quick: bool) -> Experiment:
+def matrix_sensing(quick: bool, shift: int) -> Experiment:
     dim, rank, num_measurements = 20, 2, 160
     noisy, clean = (4_000, 1_000) if quick else (40_000, 10_000)
-    data_key = jax.random.key(2)
+    data_key = jax.random.key(2 + shift)
     gaussian = jax.random.normal(data_key, (num_measurements, dim, dim))
     sensors = (gaussian + jnp.swapaxes(gaussian, 1, 2)) / 2
     u_star = jax.random.normal(jax.random.fold_in(data_key, 1), (dim, rank))
@@ -288,11 +322,11 @@ class MLP(nnx.Module):
         return self.out(jnp.tanh(self.hidden(x)))
 
 
-def digits(quick: bool) -> Experiment:
+def digits(quick: bool, shift: int) -> Experiment:
     num_train, lr, noise_std = 400, 0.2, 0.01
     noisy, clean = (200, 100) if quick else (4_000, 1_000)
     images, labels = load_digits(return_X_y=True)
-    order = np.random.default_rng(0).permutation(len(labels))
+    order = np.random.default_rng(shift).permutation(len(labels))
     images, labels = images[order].astype(np.float32), labels[order]
     mean, std = images[:num_train].mean(0), images[:num_train].std(0)
     images = (images - mean) / np.where(std > 0, std, 1.0)
@@ -349,7 +383,8 @@ def digits(quick: bool) -> Experiment:
         chunk=100 if quick else 250,
         num_seeds=2 if quick else 3,
         final_probes=32 if quick else 128,
-        table=("test accuracy %", "train loss", "Tr H"),
+        lanczos_steps=4 if quick else 32,
+        table=("test accuracy %", "train loss", "Tr H", "lambda_max"),
         reference={"GD": "93.2%, Tr H ~800", "PGD": "88%", "Anti-PGD": "95.4%, ~600"},
     )
 
@@ -380,11 +415,13 @@ def _fmt(value: float) -> str:
     return f"{value:.2e}"
 
 
+@mnist1d_experiments.one_figure_at_a_time
 def plot_curves(experiment: Experiment, results: dict, out: pathlib.Path) -> None:
     """The goal metric and Tr H over steps (the valley: Tr H and the trajectory)."""
     goal = experiment.table[0]
     panels = (goal, "Tr H") if goal != "Tr H" else (goal, "trajectory")
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    fig = Figure(figsize=(9, 3.4))
+    axes = fig.subplots(1, 2)
     for ax, panel in zip(axes, panels, strict=True):
         for name, logs in results.items():
             if panel == "trajectory":
@@ -412,44 +449,180 @@ def plot_curves(experiment: Experiment, results: dict, out: pathlib.Path) -> Non
     fig.suptitle(experiment.name)
     fig.tight_layout()
     fig.savefig(out / f"{experiment.name}.png", dpi=90)
-    plt.close(fig)
+
+
+def hessian_spectra(
+    experiment: Experiment, params: dict[str, Any], quick: bool
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """SLQ nodes and weights at the end of training (seed 0), per paper method."""
+    spectrum = jax.jit(
+        lambda p: ap.hessian_spectrum(
+            experiment.loss,
+            p,
+            3,
+            num_matvecs=8 if quick else 80,
+            num_samples=2 if quick else 8,
+        )
+    )
+    return {
+        name: jax.device_get(spectrum(jax.tree.map(lambda leaf: leaf[0], params[name])))
+        for name in ("GD", "PGD", "Anti-PGD")
+    }
+
+
+@mnist1d_experiments.one_figure_at_a_time
+def plot_spectrum(experiment: Experiment, spectra: dict, out: pathlib.Path) -> None:
+    """The spectral densities of :func:`hessian_spectra`, smoothed."""
+    fig = Figure(figsize=(6, 3.4))
+    ax = fig.subplots()
+    for name, (nodes, weights) in spectra.items():
+        nodes, weights = np.ravel(nodes), np.ravel(weights)
+        grid = np.linspace(nodes.min() - 1, nodes.max() + 1, 1024)
+        # Gaussians of 1% of the range: resolves the outliers and the bulk.
+        width = 0.01 * (nodes.max() - nodes.min())
+        kernel = np.exp(-0.5 * ((grid[:, None] - nodes[None, :]) / width) ** 2)
+        density = kernel @ weights / (width * np.sqrt(2 * np.pi))
+        ax.semilogy(grid, np.maximum(density, 1e-6), color=COLORS[name], label=name)
+        ax.axvline(nodes.max(), color=COLORS[name], lw=0.8, ls=":")
+    ax.set_ylim(bottom=1e-5)
+    ax.set_xlabel("Hessian eigenvalue (dotted: the largest node)")
+    ax.set_ylabel("density (SLQ, smoothed)")
+    ax.legend(fontsize=8)
+    ax.set_title(f"{experiment.name}: Hessian spectrum at the end of training")
+    fig.tight_layout()
+    fig.savefig(out / f"{experiment.name}_spectrum.png", dpi=90)
+
+
+TOY_EXPERIMENTS = {
+    "valley": valley,
+    "sparse_regression": sparse_regression,
+    "matrix_sensing": matrix_sensing,
+    "digits": digits,
+}
+EXPERIMENTS = (*TOY_EXPERIMENTS, *mnist1d_experiments.EXPERIMENTS)
+
+
+def run_toy(name: str, args: argparse.Namespace) -> tuple[str, dict]:
+    """Trains a toy experiment's methods; returns its markdown and summary."""
+    experiment = TOY_EXPERIMENTS[name](args.quick, args.seed)
+    experiment_start = time.perf_counter()
+    results, params = {}, {}
+    for method in experiment.methods:
+        results[method.name], params[method.name] = train(
+            experiment, method, seed=2022 + args.seed
+        )
+    if name == "digits":
+        plot_spectrum(
+            experiment, hessian_spectra(experiment, params, args.quick), args.out
+        )
+    plot_curves(experiment, results, args.out)
+    steps = f"{experiment.noisy_steps} noisy + {experiment.clean_steps} clean"
+    title = (
+        f"## {experiment.name} ({steps} steps, {experiment.num_seeds} seeds, "
+        f"{time.perf_counter() - experiment_start:.0f} s)"
+    )
+    summary = {}
+    for method_name, logs in results.items():
+        entry = summary[method_name] = {}
+        for metric in experiment.table:
+            final = logs[metric][:, -1]
+            entry[metric] = float(final.mean())
+            entry[f"{metric} std"] = float(final.std())
+            entry[f"{metric} per seed"] = [float(v) for v in final]
+    return f"{title}\n\n{markdown_table(experiment, results)}", summary
+
+
+def run_mnist1d(name: str, args: argparse.Namespace) -> tuple[str, dict]:
+    experiment_start = time.perf_counter()
+    outcome = mnist1d_experiments.EXPERIMENTS[name](
+        args.quick, args.seed, args.mnist1d_loss, args.out
+    )
+    seconds = f"{time.perf_counter() - experiment_start:.0f} s"
+    return f"{outcome.title[:-1]}, {seconds})\n\n{outcome.body}", outcome.summary
+
+
+def run(name: str, args: argparse.Namespace) -> tuple[str, dict]:
+    return (run_toy if name in TOY_EXPERIMENTS else run_mnist1d)(name, args)
+
+
+def _experiment_names(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in EXPERIMENTS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown experiment(s) {unknown or text!r}; choose from "
+            + ", ".join(EXPERIMENTS)
+        )
+    return names
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="reduced size, for CI")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("results"))
+    parser.add_argument(
+        "--experiments",
+        type=_experiment_names,
+        default=list(EXPERIMENTS),
+        metavar="NAME[,NAME...]",
+        help="the experiments to run, in this order (default: all): "
+        + ", ".join(EXPERIMENTS),
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="added to every seed (inits, noise, batch orders, toy data, the "
+        "MNIST-1D validation split)",
+    )
+    parser.add_argument(
+        "--mnist1d-loss",
+        choices=tuple(mnist1d_experiments.LOSSES),
+        default="ce",
+        help="the MNIST-1D training loss: cross-entropy or MSE on one-hot targets",
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.quick:
+        # A smoke run is mostly compilation: skip LLVM's optimizations (read
+        # when the first computation starts the backend, which is still to come).
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
+        )
 
     start = time.perf_counter()
     report = [f"# Anti-PGD reproduction ({'quick' if args.quick else 'full'} run)"]
     summary = {}
-    for make_experiment in (valley, sparse_regression, matrix_sensing, digits):
-        experiment = make_experiment(args.quick)
-        experiment_start = time.perf_counter()
-        results = {
-            method.name: train(experiment, method, seed=2022)
-            for method in experiment.methods
-        }
-        table = markdown_table(experiment, results)
-        steps = f"{experiment.noisy_steps} noisy + {experiment.clean_steps} clean"
-        title = (
-            f"## {experiment.name} ({steps} steps, {experiment.num_seeds} seeds, "
-            f"{time.perf_counter() - experiment_start:.0f} s)"
-        )
-        print(f"\n{title}\n\n{table}\n", flush=True)
-        report += [title, table]
-        summary[experiment.name] = {
-            name: {m: float(logs[m][:, -1].mean()) for m in experiment.table}
-            for name, logs in results.items()
-        }
-        plot_curves(experiment, results, args.out)
+    if args.quick:
+        # A smoke run is mostly compilation, which XLA does outside Python's
+        # lock: the toy problems and MNIST-1D run side by side, two threads.
+        lanes = [
+            [name for name in args.experiments if name in TOY_EXPERIMENTS],
+            [name for name in args.experiments if name not in TOY_EXPERIMENTS],
+        ]
+        with concurrent.futures.ThreadPoolExecutor(len(lanes)) as pool:
+            futures = [
+                pool.submit(lambda lane=lane: [run(name, args) for name in lane])
+                for lane in lanes
+            ]
+            done = {
+                name: outcome
+                for lane, future in zip(lanes, futures, strict=True)
+                for name, outcome in zip(lane, future.result(), strict=True)
+            }
+        outcomes = ((name, done[name]) for name in args.experiments)
+    else:
+        outcomes = ((name, run(name, args)) for name in args.experiments)
+    for name, (markdown, experiment_summary) in outcomes:
+        print(f"\n{markdown}\n", flush=True)
+        report.append(markdown)
+        summary[name] = experiment_summary
     total = f"Total wall time: {time.perf_counter() - start:.0f} s"
     print(total)
     report.append(total)
     (args.out / "results.md").write_text("\n\n".join(report) + "\n")
-    # Final means per experiment, method and metric, for scripts and tests.
+    # Per experiment, method and metric: the final mean ("<metric>"), its std
+    # over seeds ("<metric> std") and the seeds' values ("<metric> per seed").
     (args.out / "results.json").write_text(json.dumps(summary, indent=1))
 
 
