@@ -23,6 +23,7 @@ call ends with ``block_until_ready``) and ratios of medians of the same run.
 import argparse
 import datetime
 import os
+import pathlib
 import platform
 import statistics
 import sys
@@ -40,6 +41,8 @@ import optax_antipgd as ap
 LEARNING_RATE = 0.01
 NOISE_STD = 0.01
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
+# The heading of the hand-written part of a results file, which a run keeps.
+NOTES = "## Reading the figures"
 
 
 def one_leaf(size: int) -> dict[str, jax.ShapeDtypeStruct]:
@@ -365,9 +368,17 @@ def main(argv=None):
         sections.append(section)
     output = args.output or (None if args.quick else RESULTS)
     if output:
-        with open(output, "w") as f:
-            f.write("# Benchmark results\n\n" + "\n".join(header) + "\n\n")
-            f.write("\n".join(sections))
+        # Keep the hand-written reading of the figures, from its heading on.
+        path = pathlib.Path(output)
+        old = path.read_text() if path.exists() else ""
+        notes = old[old.find(NOTES) :] if NOTES in old else ""
+        path.write_text(
+            "# Benchmark results\n\n"
+            + "\n".join(header)
+            + "\n\n"
+            + "\n".join(sections)
+            + ("\n" + notes if notes else "")
+        )
         print(f"wrote {output}")
 
 
