@@ -87,7 +87,7 @@ class Experiment:
     chunk: int  # steps between two logged points
     num_seeds: int
     table: tuple[str, ...]  # metric names in the table, the first one is the goal
-    reference: dict[str, str]  # method -> the issue's reference value, if any
+    reference: dict[str, str]  # method -> an independent prototype's value, if any
     exact_trace: bool = False  # whether metrics() gives Tr H exactly
     final_probes: int = 128  # Hutchinson probes for the final Tr H
     lanczos_steps: int = 0  # > 0: the final lambda_max, by that many steps
@@ -393,7 +393,7 @@ def digits(quick: bool, shift: int) -> Experiment:
 
 
 def markdown_table(experiment: Experiment, results: dict) -> str:
-    header = ["method", *experiment.table, "reference (issue)"]
+    header = ["method", *experiment.table, "reference"]
     rows = [
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
