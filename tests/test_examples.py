@@ -212,4 +212,6 @@ def test_seeds_vmap_example_sweeps_agree_where_the_law_says_they_must():
     assert rows["Anti-PGD, correlation 1"] == rows["Anti-PGD, sigma 0.05"]
     assert rows["Anti-PGD, correlation 0"] == rows["fractional, hurst 0.5"]
     error = lambda name: float(rows[name].split(" ± ")[0])  # noqa: E731
-    assert error("Anti-PGD, sigma 0.05") < error("PGD, sigma 0") < error("PGD, sigma 0.05")
+    assert (
+        error("Anti-PGD, sigma 0.05") < error("PGD, sigma 0") < error("PGD, sigma 0.05")
+    )
