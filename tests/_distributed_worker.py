@@ -97,11 +97,17 @@ def main() -> None:
     local = {"initial_loss": host_copy(evaluate(initial_params, x, y))}
     # "trained" sums gradients across devices at every step; "noise_only"
     # (learning rate 0) adds the noise to the initial params with no reduction
-    # in between. The stored noise xi_n of both runs is a function of the key,
-    # the step count and the leaf's path only. Entries are named
-    # "<run>/params[...]", "<run>/noise[...]" and "<run>/loss".
-    for run, learning_rate in (("trained", 0.05), ("noise_only", 0.0)):
-        opt = ap.anti_pgd(learning_rate=learning_rate, noise_std=0.01, key=0)
+    # in between. The stored noise of both runs is a function of the key, the
+    # step count and the leaf's path only. Entries are named
+    # "<optimizer>/<run>/params[...]", ".../noise[...]" and ".../loss".
+    # Anti-PGD runs both; the rest of the family adds the noise only.
+    runs = [
+        ("anti_pgd/trained", ap.anti_pgd(0.05, 0.01, 0)),
+        ("anti_pgd/noise_only", ap.anti_pgd(0.0, 0.01, 0)),
+        ("fractional_pgd/noise_only", ap.fractional_pgd(0.0, 0.01, 0, hurst=0.25)),
+        ("pgd_cyclic/noise_only", ap.pgd(0.0, 0.01, 0, leaves="cyclic")),
+    ]
+    for run, opt in runs:
         params = initial_params
         state = jax.jit(opt.init, out_shardings=replicated)(params)
 
@@ -114,10 +120,8 @@ def main() -> None:
         for _ in range(args.steps):
             params, state = step(params, state, x, y)
 
-        for part, tree in (
-            ("params", params),
-            ("noise", optax.tree_utils.tree_get(state, "noise")),
-        ):
+        stored = optax.tree_utils.tree_get(state, "noise", ())
+        for part, tree in (("params", params), ("noise", stored)):
             for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
                 local[f"{run}/{part}{jax.tree_util.keystr(path)}"] = host_copy(leaf)
         local[f"{run}/loss"] = host_copy(evaluate(params, x, y))
