@@ -72,7 +72,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import pathlib
 import random
 import threading
@@ -875,12 +874,11 @@ EXPERIMENTS = {
 
 
 def fmt(value: float) -> str:
+    """A table cell: 3 significant digits, whole numbers from 100 to 1e5."""
     value = float(value)
-    if not math.isfinite(value):
-        return str(value)
     if value == 0 or 1e-2 <= abs(value) < 1e5:
-        return f"{value:.3g}" if abs(value) < 100 else f"{value:.1f}"
-    return f"{value:.2e}"
+        return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
+    return f"{value:.2e}"  # also nan and inf
 
 
 def _mean_std(values) -> str:
@@ -888,7 +886,9 @@ def _mean_std(values) -> str:
     return f"{fmt(values.mean())} ± {fmt(values.std())}"
 
 
-def _summary(metrics: dict) -> dict:
+def summarize(metrics: dict) -> dict:
+    """Metric -> values over seeds, to the mean, ``"<metric> std"`` and
+    ``"<metric> per seed"`` that results.json keeps."""
     summary = {}
     for name, values in metrics.items():
         values = np.asarray(values, np.float64)
@@ -987,7 +987,7 @@ def _report(
         ]
     )
     _plot(experiment, setting, results, out, loss_name)
-    summary = {name: _summary(m) for name, m in metrics.items()}
+    summary = {name: summarize(m) for name, m in metrics.items()}
     for name, (grid, _) in rows.items():
         summary[name]["sigma"] = float(grid.method.sigmas[grid.chosen])
         for index, sigma in enumerate(grid.method.sigmas):
@@ -1080,7 +1080,7 @@ def _report_sweep(
         f"{setting.num_seeds} seeds, loss {loss_name})"
     )
     _plot_sweep(sizes, rows, sigma, out, loss_name)
-    summary = {point: _summary(values) for point, values in rows.items()}
+    summary = {point: summarize(values) for point, values in rows.items()}
     return Outcome(title, "\n".join(lines), summary)
 
 

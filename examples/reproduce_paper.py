@@ -398,21 +398,15 @@ def markdown_table(experiment: Experiment, results: dict) -> str:
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
     ]
+    fmt = mnist1d_experiments.fmt
     for name, logs in results.items():
         cells = [name]
         for metric in experiment.table:
             final = logs[metric][:, -1]
-            cells.append(f"{_fmt(final.mean())} ± {_fmt(final.std())}")
+            cells.append(f"{fmt(final.mean())} ± {fmt(final.std())}")
         cells.append(experiment.reference.get(name, "-"))
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
-
-
-def _fmt(value: float) -> str:
-    value = float(value)
-    if value == 0 or 1e-2 <= abs(value) < 1e5:
-        return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
-    return f"{value:.2e}"
 
 
 @mnist1d_experiments.one_figure_at_a_time
@@ -521,14 +515,12 @@ def run_toy(name: str, args: argparse.Namespace) -> tuple[str, dict]:
         f"## {experiment.name} ({steps} steps, {experiment.num_seeds} seeds, "
         f"{time.perf_counter() - experiment_start:.0f} s)"
     )
-    summary = {}
-    for method_name, logs in results.items():
-        entry = summary[method_name] = {}
-        for metric in experiment.table:
-            final = logs[metric][:, -1]
-            entry[metric] = float(final.mean())
-            entry[f"{metric} std"] = float(final.std())
-            entry[f"{metric} per seed"] = [float(v) for v in final]
+    summary = {
+        method_name: mnist1d_experiments.summarize(
+            {m: logs[m][:, -1] for m in experiment.table}
+        )
+        for method_name, logs in results.items()
+    }
     return f"{title}\n\n{markdown_table(experiment, results)}", summary
 
 
