@@ -83,7 +83,7 @@ def anti_pgd(
     distribution: _noise.Distribution = "gaussian",
     store_noise: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
-    r"""Anti-PGD: :math:`w_{n+1} = w_n - \eta g_n + \xi_{n+1} - c\,\xi_n`.
+    r"""Anti-PGD: :math:`w_{n+1} = w_n - \eta g_n + \xi_n - c\,\xi_{n-1}`.
 
     ``optax.chain(optax.sgd(...), add_anticorrelated_noise(...))``: the noise
     lands in parameter space, unscaled by the learning rate, as in the paper.
@@ -154,7 +154,7 @@ def fractional_pgd(
 ) -> optax.GradientTransformationExtraArgs:
     r"""Fractional PGD: gradient descent perturbed by fractional noise.
 
-    :math:`w_{n+1} = w_n - \eta g_n + \sum_{j<K} c_j \xi_{n+1-j}` with the
+    :math:`w_{n+1} = w_n - \eta g_n + \sum_{j<K} c_j \xi_{n-j}` with the
     filter of fractional Gaussian noise (:func:`fractional_coefficients`):
     ``optax.chain(optax.sgd(...), add_fractional_noise(...))``, the noise in
     parameter space.

@@ -1,16 +1,20 @@
 """Drawing the noise: ``scale * z_m`` at the float leaves of a tree.
 
-``z_m`` of a leaf is standard normal or Rademacher, drawn from the leaf's key
-(:func:`optax_antipgd._keys.leaf_keys`) in float32 (float64 for float64
-leaves), scaled, then cast to the leaf's dtype. With ``leaves="cyclic"`` only
-float leaf ``m mod L`` draws; the others are zero.
+``z_m`` of a leaf is ``jax.random.normal(leaf_key, shape)`` (or a Rademacher
+sign per element, from ``jax.random.bits``), bit for bit, with ``leaf_key``
+the leaf's stream at step ``m`` (:func:`optax_antipgd._keys.leaf_keys`). It is
+drawn in float32 (float64 for float64 leaves), scaled, then cast to the leaf's
+dtype.
 
-How the draw runs never changes a bit of it. On one CPU device with threefry
-keys (jax's default) same-shaped leaves are drawn in one loop over
-cache-sized chunks with the threefry hash written out (``_threefry``);
-elsewhere (GPU, several devices, other key impls) each leaf draws with
-``jax.random``, with its leaf's sharding. A scale of 0 draws nothing and gives
-exact zeros.
+There is one way the draw runs. For threefry keys (jax's default) the hash
+is the counter-based one of ``jax.random`` written out elementwise
+(``_threefry``): each element is a pure function of its key and its flat
+index, so a draw is one elementwise fusion that XLA splits over the cores and
+over the devices (the counters carry the leaf's sharding; no collective).
+Same-shaped leaves, and the several steps a regenerating state redraws, are
+stacked into one such fusion when there is one device, so that the hash is
+compiled once per shape rather than once per leaf. Keys of other impls (rbg,
+unsafe_rbg) draw each leaf with ``jax.random``.
 """
 
 import functools
@@ -35,53 +39,12 @@ def draw_dtype(dtype: Any) -> Any:
     return jnp.float64 if dtype == jnp.float64 else jnp.float32
 
 
-def _rademacher(
-    key: jax.Array, shape: tuple[int, ...], dtype: Any, sharding: Any
-) -> jax.Array:
-    """+-1 from one random bit per element, packed 32 to a word on the last axis.
-
-    The words are drawn with the leaf's sharding but for the last axis, which
-    they keep whole; so a device that holds part of a row computes the row's
-    few words itself, and unpacking them needs no communication.
-    """
-    word_sharding = None
-    if sharding is not None:
-        spec = (*sharding.spec, *(None,) * (len(shape) - len(sharding.spec)))
-        word_sharding = NamedSharding(sharding.mesh, P(*spec[:-1], None))
-    words = jax.random.bits(
-        key, _words_shape(shape), jnp.uint32, out_sharding=word_sharding
-    )
-    signs = _signs(words, shape, dtype)
-    if word_sharding is not None and word_sharding.spec != sharding.spec:
-        signs = jax.reshard(signs, sharding)
-    return signs
-
-
-def _signs(words: jax.Array, shape: tuple[int, ...], dtype: Any) -> jax.Array:
-    """+-1 from packed bits: bit ``j`` of word ``w`` is element ``32w + j``."""
-    length = shape[-1] if shape else 1
-    shifts = jnp.arange(_BITS_PER_WORD, dtype=jnp.uint32).reshape(
-        (1,) * words.ndim + (_BITS_PER_WORD,)
-    )
-    bits = (words[..., None] >> shifts) & 1
-    bits = bits.reshape(*words.shape[:-1], words.shape[-1] * _BITS_PER_WORD)
-    bits = bits[..., :length]
-    return jnp.where(bits == 1, -1.0, 1.0).astype(dtype).reshape(shape)
-
-
-def _words_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
-    """Shape of the packed words of a Rademacher draw of ``shape``."""
-    length = shape[-1] if shape else 1
-    return (*shape[:-1], -(-length // _BITS_PER_WORD))
-
-
 def normal_from_bits(bits: jax.Array, dtype: Any) -> jax.Array:
     """``jax.random.normal`` of the key whose ``jax.random.bits`` are ``bits``.
 
     The same operations in the same order as jax's ``uniform`` on
     ``[nextafter(-1, 0), 1)`` followed by ``sqrt(2) * erf_inv``, so the result
-    is bit for bit the same (``tests/test_draws.py`` pins it). Used where the
-    bits are hashed by ``_threefry``.
+    is bit for bit the same (``tests/test_draws.py`` pins it).
     """
     finfo = jnp.finfo(dtype)
     low = np.nextafter(np.array(-1.0, dtype), np.array(0.0, dtype), dtype=dtype)
@@ -102,10 +65,99 @@ def normal_from_bits(bits: jax.Array, dtype: Any) -> jax.Array:
     return jax.lax.mul(np.array(np.sqrt(2), dtype), jax.lax.erf_inv(uniform))
 
 
-def _draw(key, shape, dtype, distribution, sharding):
-    if distribution == "gaussian":
-        return jax.random.normal(key, shape, dtype, out_sharding=sharding)
-    return _rademacher(key, shape, dtype, sharding)
+def _words_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Shape of the packed words of a Rademacher draw of ``shape``."""
+    length = shape[-1] if shape else 1
+    return (*shape[:-1], -(-length // _BITS_PER_WORD))
+
+
+def _signs(words: jax.Array, shape: tuple[int, ...], dtype: Any) -> jax.Array:
+    """+-1 from packed bits: bit ``j`` of word ``w`` is element ``32w + j``.
+
+    ``words`` has a leading axis of rows: ``(rows, *_words_shape(shape))``.
+    """
+    length = shape[-1] if shape else 1
+    shifts = jnp.arange(_BITS_PER_WORD, dtype=jnp.uint32).reshape(
+        (1,) * words.ndim + (_BITS_PER_WORD,)
+    )
+    bits = (words[..., None] >> shifts) & 1
+    bits = bits.reshape(*words.shape[:-1], words.shape[-1] * _BITS_PER_WORD)
+    bits = bits[..., :length]
+    signs = jnp.where(bits == 1, -1.0, 1.0).astype(dtype)
+    return signs.reshape(words.shape[0], *shape)
+
+
+def _row_sharding(sharding: Any, ndim: int) -> Any:
+    """The sharding of ``(rows, *leaf)`` for leaves sharded like ``sharding``."""
+    if sharding is None:
+        return None
+    spec = (*sharding.spec, *(None,) * (ndim - len(sharding.spec)))
+    return NamedSharding(sharding.mesh, P(None, *spec))
+
+
+def _hashed_bits(keys, shape, word, sharding):
+    """``jax.random.bits(key, shape, word)`` of each row's threefry key, stacked.
+
+    ``keys`` is uint32[rows, 2]. Every element hashes its own flat index, so
+    the draw is elementwise: it fuses with what reads it and is split over the
+    cores, and with ``sharding`` each device hashes only its block.
+    """
+    full = (keys.shape[0], *shape)
+    out_sharding = _row_sharding(sharding, len(shape))
+    flat = jnp.zeros(full, jnp.uint32, out_sharding=out_sharding)
+    stride = 1
+    for axis in reversed(range(len(shape))):
+        index = jax.lax.broadcasted_iota(
+            jnp.uint32, full, axis + 1, out_sharding=out_sharding
+        )
+        flat = flat + index * np.uint32(stride)
+        stride *= shape[axis]
+    key_shape = (keys.shape[0],) + (1,) * len(shape)
+    key = (keys[:, 0].reshape(key_shape), keys[:, 1].reshape(key_shape))
+    return _threefry.bits(key, flat, word)
+
+
+def _random_bits(keys, impl, shape, word, sharding):
+    """The same as :func:`_hashed_bits`, by ``jax.random`` (any key impl)."""
+    rows = [
+        jax.random.bits(
+            jax.random.wrap_key_data(keys[row], impl=impl),
+            shape,
+            word,
+            out_sharding=sharding,
+        )
+        for row in range(keys.shape[0])
+    ]
+    return jnp.stack(rows)
+
+
+def _rows(keys, impl, scales, shape, dtype, distribution, sharding):
+    """``scales[r] * z`` of each row's key: ``(rows, *shape)`` in ``dtype``.
+
+    ``dtype`` is the draw dtype (float32 or float64). The Rademacher bits are
+    drawn 32 to a word along the last axis, which the words keep whole, so
+    unpacking them needs no communication.
+    """
+    gaussian = distribution == "gaussian"
+    bits_shape = shape if gaussian else _words_shape(shape)
+    word = (jnp.uint64 if dtype == jnp.float64 else jnp.uint32) if gaussian else None
+    word = word or jnp.uint32
+    if math.prod(bits_shape) == 0:
+        return jnp.zeros((keys.shape[0], *shape), dtype)
+    bits_sharding = sharding
+    if not gaussian and sharding is not None:
+        spec = (*sharding.spec, *(None,) * (len(shape) - len(sharding.spec)))
+        bits_sharding = NamedSharding(sharding.mesh, P(*spec[:-1], None))
+    if str(impl) == _keys.BATCHED_IMPL and math.prod(bits_shape) < 2**32:
+        bits = _hashed_bits(keys, bits_shape, word, bits_sharding)
+    else:  # other impls, and leaves too large for 32-bit counters
+        bits = _random_bits(keys, impl, bits_shape, word, bits_sharding)
+    z = normal_from_bits(bits, dtype) if gaussian else _signs(bits, shape, dtype)
+    scales = scales.astype(dtype).reshape((-1,) + (1,) * len(shape))
+    noise = scales * z
+    if not gaussian and bits_sharding is not None and bits_sharding != sharding:
+        noise = jax.reshard(noise, _row_sharding(sharding, len(shape)))
+    return noise
 
 
 def _traced_sharding(leaf: Any) -> NamedSharding | None:
@@ -126,229 +178,96 @@ def _spread_sharding(leaf: Any) -> Any:
     return None
 
 
-def draws_in_loops(key: jax.Array) -> bool:
-    """Whether same-shaped leaves draw their noise in one loop (:func:`_group_draws`).
+def _noise_lists(key, steps, scales, leaves, *, paths, distribution, cyclic):
+    """``noise[s][i]``: ``scales[s] * z_{steps[s]}`` of float leaf ``i``.
 
-    Where jax lowers threefry to a loop over the whole output (CPU) and no
-    sharding is possible (one device): a stacked draw has one sharding, and
-    same-shaped leaves sharded differently would need collectives to be cut
-    out of it. Elsewhere each leaf draws with ``jax.random``.
+    Rows of one shape and draw dtype are drawn together (on one device; on
+    several, each leaf alone, with its sharding). With ``cyclic``, float leaf
+    ``step mod L`` alone draws at each step: a group draws one row per step,
+    the active member's (none when it has no active member), and each member
+    keeps it where it is the active one.
     """
-    return (
-        _keys.has_batched_impl(key)
-        and jax.config.jax_threefry_partitionable
-        and jax.default_backend() == "cpu"
-        and jax.device_count() == 1
-    )
-
-
-# Elements one iteration of a draw loop hashes: a chunk stays in cache, and is
-# large enough for the loop's overhead not to show. (XLA CPU runs a loop body
-# on one thread, as it does jax's own threefry loop; benchmarks/RESULTS.md
-# weighs that against per-leaf fusions, which compile once per leaf.)
-CHUNK = 2**16
-
-
-def _group_draws(keys, shape, dtype, scale, distribution):
-    """``scale * z`` of same-shaped leaves, stacked, from one loop over their counters.
-
-    ``keys`` are the leaves' raw keys, stacked. Each iteration hashes a
-    cache-sized chunk of one leaf's counters and transforms it, all in one
-    fusion (``_threefry``); the loop's output is the one buffer the draw is
-    written to, so noise read twice (the update, the stored state) is hashed
-    once, and the hash is compiled once per group, not once per leaf. When
-    ``scale`` is 0 the loop runs no iteration. Returns scaled normals of
-    ``dtype``, or for Rademacher the packed words (unscaled).
-
-    The scale multiplies the normals in the loop, in the same fusion as the
-    transform: XLA folds ``scale * (sqrt(2) * erf_inv(u))`` there as it does
-    for a ``jax.random.normal`` draw, so the two agree bit for bit.
-    """
-    gaussian = distribution == "gaussian"
-    out_shape = shape if gaussian else _words_shape(shape)
-    out_dtype = dtype if gaussian else jnp.uint32
-    word = _word(dtype) if gaussian else jnp.uint32
-    size = math.prod(out_shape)
-    if size == 0:
-        return jnp.zeros((len(keys), *out_shape), out_dtype)
-    chunk = _chunk_size(size)
-    num_chunks = -(-size // chunk)
-
-    def draw_chunk(index, draws):
-        key = keys[index // num_chunks]
-        start = (index % num_chunks).astype(jnp.uint32) * np.uint32(chunk)
-        counters = start + jax.lax.iota(jnp.uint32, chunk)
-        values = _threefry.bits(key, counters, word)
-        if gaussian:
-            values = scale.astype(dtype) * normal_from_bits(values, dtype)
-        return jax.lax.dynamic_update_index_in_dim(draws, values, index, 0)
-
-    total = len(keys) * num_chunks
-    zeros = _varying(jnp.zeros((total, chunk), out_dtype), keys, scale)
-    draws = jax.lax.fori_loop(0, jnp.where(scale == 0, 0, total), draw_chunk, zeros)
-    draws = draws.reshape(len(keys), num_chunks * chunk)[:, :size]
-    return draws.reshape(len(keys), *out_shape)
-
-
-def _fits_a_loop(leaf: Any) -> bool:
-    """Whether a leaf is small enough for the loop's 32-bit counters."""
-    return math.prod(jnp.shape(leaf)) < _threefry.MAX_SIZE
-
-
-def _chunk_size(size: int) -> int:
-    """Elements per iteration: the largest divisor of ``size`` up to CHUNK.
-
-    A divisor makes the stacked chunks exactly the leaves, with no padding to
-    slice off (a slice is one more pass over memory). Sizes with no divisor
-    between CHUNK / 2 and CHUNK (primes) are padded up to whole chunks.
-    """
-    if size <= CHUNK:
-        return size
-    for chunk in range(CHUNK, CHUNK // 2, -1):
-        if size % chunk == 0:
-            return chunk
-    return CHUNK
-
-
-def _varying(value: Any, *sources: jax.Array) -> Any:
-    """``value``, varying over the shard_map axes that any of ``sources`` varies over.
-
-    Inside shard_map, a key that differs per device makes a draw vary over the
-    mesh axes; zeros standing in for it must vary alike.
-    """
-    axes = frozenset().union(*(jax.typeof(x).manual_axis_type.varying for x in sources))
-    if not axes:
-        return value
-    return jax.lax.pcast(value, tuple(sorted(axes)), to="varying")
-
-
-def _word(dtype: Any) -> Any:
-    return jnp.uint64 if dtype == jnp.float64 else jnp.uint32
-
-
-def _zeros(leaf: Any) -> jax.Array:
-    return jnp.zeros(
-        jnp.shape(leaf), jnp.result_type(leaf), out_sharding=_traced_sharding(leaf)
-    )
-
-
-def _scaled(leaf, scale, z):
-    """``scale * z`` in the draw dtype, cast to the leaf's dtype."""
-    return (scale.astype(z.dtype) * z).astype(jnp.result_type(leaf))
-
-
-def _noise_list(key, step, leaves, *, paths, scale, distribution, cyclic):
-    """The noise of the float ``leaves`` (a list), drawn at ``step``."""
-    step_key = jax.random.fold_in(key, step)
-    keys = _keys.leaf_keys(step_key, paths)
-    # The float leaf that draws at this step when only one does.
-    active = jnp.mod(step, len(leaves)) if cyclic else None
-    noise = [None] * len(leaves)
-    loops = draws_in_loops(key)
+    impl = jax.random.key_impl(key)
+    num_steps, num_leaves = len(steps), len(leaves)
+    leaf_keys = [
+        jax.random.key_data(_keys.leaf_keys(jax.random.fold_in(key, step), paths))
+        for step in steps
+    ]  # [step] -> uint32[leaves, key size]
+    stack = jax.device_count() == 1
     groups = {}
     for index, leaf in enumerate(leaves):
-        if loops and _fits_a_loop(leaf):
-            shape, dtype = jnp.shape(leaf), draw_dtype(jnp.result_type(leaf))
-            groups.setdefault((shape, dtype), []).append(index)
-    for (shape, dtype), members in groups.items():
-        keys_data = jax.random.key_data(jnp.stack([keys[i] for i in members]))
-        if cyclic:
-            # Draw the active member alone (none if it is in another group) and
-            # select it per member: no group-sized buffer of zeros to write.
-            at = jnp.asarray(members) == active
-            row = jnp.argmax(at)
-            group_scale = jnp.where(jnp.any(at), scale, jnp.zeros_like(scale))
-            drawn = _group_draws(
-                keys_data[row][None], shape, dtype, group_scale, distribution
-            )
-            for position, index in enumerate(members):
-                value = _from_draw(drawn[0], leaves[index], group_scale, distribution)
-                noise[index] = jnp.where(at[position], value, jnp.zeros_like(value))
-        else:
-            drawn = _group_draws(keys_data, shape, dtype, scale, distribution)
-            for position, index in enumerate(members):
-                noise[index] = _from_draw(
-                    drawn[position], leaves[index], scale, distribution
-                )
-    alone = [index for index in range(len(leaves)) if noise[index] is None]
-    if alone:
-        drawn = _drawn_alone(keys, leaves, alone, scale, distribution, active)
-        for index, value in zip(alone, drawn, strict=True):
-            noise[index] = value
-    return noise
-
-
-def _from_draw(drawn, leaf, scale, distribution):
-    """A leaf's noise from its row of a group draw (normals, or packed words)."""
-    if distribution == "gaussian":
-        return drawn.astype(jnp.result_type(leaf))
-    z = _signs(drawn, jnp.shape(leaf), draw_dtype(jnp.result_type(leaf)))
-    return _scaled(leaf, scale, z)
-
-
-def _drawn_alone(keys, leaves, indices, scale, distribution, active):
-    """The leaves at ``indices`` drawn one by one with ``jax.random``.
-
-    Nothing is drawn when ``scale`` is 0 (a ``lax.cond`` over them all), and
-    with ``active`` given (cyclic leaves) only that leaf draws (a
-    ``lax.switch``).
-    """
-
-    def draw(index):
-        leaf = leaves[index]
         dtype = draw_dtype(jnp.result_type(leaf))
-        z = _draw(
-            keys[index], jnp.shape(leaf), dtype, distribution, _traced_sharding(leaf)
+        group = (jnp.shape(leaf), dtype, None if stack else index)
+        groups.setdefault(group, []).append(index)
+    noise = [[None] * num_leaves for _ in steps]
+    for (shape, dtype, _), members in groups.items():
+        sharding = _traced_sharding(leaves[members[0]])
+        draw = functools.partial(
+            _rows,
+            impl=impl,
+            shape=shape,
+            dtype=dtype,
+            distribution=distribution,
+            sharding=sharding,
         )
-        return _scaled(leaf, scale, z)
-
-    def zeros():
-        zeros = [_zeros(leaves[index]) for index in indices]
-        return _varying(zeros, jax.random.key_data(keys[0]), scale)
-
-    if active is None:
-        if not isinstance(scale, jax.core.Tracer):
-            # Outside a trace, cond would compile its fresh branches at every call.
-            return [draw(index) for index in indices] if scale != 0 else zeros()
-        return jax.lax.cond(scale == 0, zeros, lambda: [draw(i) for i in indices])
-
-    def one(position):
-        values = zeros()
-        values[position] = draw(indices[position])
-        return values
-
-    # Branch i draws indices[i]; the last branch draws nothing.
-    branch = jnp.argmax(jnp.asarray(indices + [active], jnp.int32) == active)
-    branch = jnp.where(scale == 0, len(indices), branch)
-    branches = [functools.partial(one, p) for p in range(len(indices))] + [zeros]
-    return jax.lax.switch(branch, branches)
+        if not cyclic:
+            keys = jnp.concatenate([k[jnp.asarray(members)] for k in leaf_keys])
+            row_scales = jnp.repeat(jnp.stack(scales), len(members))
+            drawn = draw(keys, scales=row_scales)
+            for row, (s, index) in enumerate(
+                (s, index) for s in range(num_steps) for index in members
+            ):
+                noise[s][index] = drawn[row]
+            continue
+        active = [jnp.mod(step, num_leaves) for step in steps]
+        hits = [jnp.asarray(members) == a for a in active]  # [step] -> bool[members]
+        keys = jnp.stack(
+            [k[jnp.asarray(members)][jnp.argmax(h)] for k, h in zip(leaf_keys, hits)]
+        )
+        row_scales = jnp.stack(
+            [jnp.where(jnp.any(h), sc, 0) for h, sc in zip(hits, scales, strict=True)]
+        )
+        drawn = jax.lax.cond(
+            jnp.any(row_scales != 0),
+            lambda k, sc: draw(k, scales=sc),
+            lambda k, sc: jnp.zeros((num_steps, *shape), dtype),
+            keys,
+            row_scales,
+        )
+        for s in range(num_steps):
+            for position, index in enumerate(members):
+                noise[s][index] = jnp.where(hits[s][position], drawn[s], 0)
+    return [
+        [value.astype(jnp.result_type(leaf)) for value, leaf in zip(row, leaves)]
+        for row in noise
+    ]
 
 
 @functools.lru_cache(maxsize=32)
-def _spread_draw(paths, distribution, cyclic, shardings):
-    """The draw compiled with ``shardings``, once for every step it draws."""
+def _spread_draw(paths, distribution, cyclic, shardings, num_steps):
+    """The draw compiled with the leaves' ``shardings``, once per tree and step count."""
     draw = functools.partial(
-        _noise_list, paths=list(paths), distribution=distribution, cyclic=cyclic
+        _noise_lists, paths=list(paths), distribution=distribution, cyclic=cyclic
     )
-    return jax.jit(draw, out_shardings=list(shardings))
+    return jax.jit(draw, out_shardings=[list(shardings)] * num_steps)
 
 
 def tree_noise(
     key: jax.Array,
-    step: jax.Array,
+    steps: list[Any],
     tree: Any,
-    scale: jax.Array,
+    scales: list[Any],
     distribution: str,
     cyclic: bool = False,
-) -> Any:
-    """``scale * z_step`` at every float leaf of ``tree``, ``None`` elsewhere.
+) -> list[Any]:
+    """``scales[s] * z_{steps[s]}`` at every float leaf of ``tree``, for each ``s``.
 
-    With ``cyclic``, only float leaf ``step mod L`` (tree order) draws; the
-    others are zero. ``None`` and ``optax.MaskedNode`` nodes are kept. Each
+    Returns one tree per step, ``None`` at the leaves that are not float;
+    ``None`` and ``optax.MaskedNode`` nodes are kept. With ``cyclic`` only
+    float leaf ``step mod L`` (tree order) draws; the others are zero. Each
     noise leaf has the dtype and the sharding of its leaf: a concrete leaf
     spread over several devices is drawn in place, each device computing its
-    own block. When ``scale`` is 0 nothing is drawn and the noise is exactly
-    zero.
+    own block.
     """
     paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
     floats = [
@@ -358,19 +277,38 @@ def tree_noise(
     ]
     leaves = [paths_leaves[index][1] for index in floats]
     paths = [paths_leaves[index][0] for index in floats]
-    noise = [None] * len(paths_leaves)
+    trees = [[None] * len(paths_leaves) for _ in steps]
     if leaves:
+        steps = [jnp.asarray(step, jnp.int32) for step in steps]
         shardings = tuple(_spread_sharding(leaf) for leaf in leaves)
         if any(shardings):
             # Concrete params spread over devices (an eager init): compile the
             # draw with the leaves' shardings, so that each device draws only
             # its block instead of the whole leaf being drawn on one device.
-            draw = _spread_draw(tuple(paths), distribution, cyclic, shardings)
+            draw = _spread_draw(
+                tuple(paths), distribution, cyclic, shardings, len(steps)
+            )
         else:
             draw = functools.partial(
-                _noise_list, paths=paths, distribution=distribution, cyclic=cyclic
+                _noise_lists, paths=paths, distribution=distribution, cyclic=cyclic
             )
-        values = draw(key, step, leaves, scale=scale)
-        for index, value in zip(floats, values, strict=True):
-            noise[index] = value
-    return jax.tree.unflatten(treedef, noise)
+        values = draw(key, steps, list(scales), leaves)
+        for tree_values, step_values in zip(trees, values, strict=True):
+            for index, value in zip(floats, step_values, strict=True):
+                tree_values[index] = value
+    return [jax.tree.unflatten(treedef, values) for values in trees]
+
+
+def keep_active(noise: Any, step: jax.Array, cyclic: Any) -> Any:
+    """``noise`` where ``cyclic`` is false; else only float leaf ``step mod L`` of it.
+
+    ``cyclic`` may be traced: the leaves rule of a state read as data.
+    """
+    paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(noise)
+    floats = [i for i, (path, leaf) in enumerate(paths_leaves) if leaf is not None]
+    active = jnp.mod(step, max(len(floats), 1))
+    values = [leaf for _, leaf in paths_leaves]
+    for position, index in enumerate(floats):
+        keep = jnp.logical_or(jnp.logical_not(cyclic), active == position)
+        values[index] = jnp.where(keep, values[index], 0).astype(values[index].dtype)
+    return jax.tree.unflatten(treedef, values)

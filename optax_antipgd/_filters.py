@@ -1,4 +1,4 @@
-"""Correlation filters: the coefficients ``c_j`` of ``p_n = sum_j c_j xi_{n+1-j}``.
+"""Correlation filters: the coefficients ``c_j`` of ``p_n = sum_j c_j xi_{n-j}``.
 
 Every correlated transform emits a linear filter of the i.i.d. noise stream;
 this module builds and checks the filters: Anti-PGD's ``(1, -c)`` and the
@@ -174,23 +174,39 @@ def check_num_taps(num_taps: Any) -> int:
     return int(num_taps)
 
 
-def anticorrelated_coefficients(correlation: Any) -> jax.Array:
-    """``(1, -correlation)``, checking ``correlation`` in [0, 1] where concrete."""
+def _is_bool(value: Any) -> bool:
+    return isinstance(value, (bool, np.bool_)) or jnp.result_type(value) == jnp.bool_
+
+
+def anticorrelated_coefficients(correlation: Any) -> Any:
+    """``(1, -correlation)``, checking ``correlation`` in [0, 1] where concrete.
+
+    A concrete correlation gives float64 numpy coefficients (rounded to each
+    leaf's dtype where they are used); a traced one keeps its dtype.
+    """
+    if _is_bool(correlation):
+        raise TypeError(f"correlation must be a float in [0, 1], got {correlation!r}.")
+    if jnp.ndim(correlation) != 0:
+        raise ValueError(
+            f"correlation must be a scalar, got shape {jnp.shape(correlation)}."
+        )
     if _is_concrete(correlation):
         value = float(np.asarray(correlation))
-        if math.isnan(value) or not 0.0 <= value <= 1.0:
+        if not 0.0 <= value <= 1.0:  # also NaN
             raise ValueError(f"correlation must be in [0, 1], got {correlation!r}.")
-    correlation = jnp.asarray(correlation, jnp.float32)
-    if correlation.ndim != 0:
-        raise ValueError(
-            f"correlation must be a scalar, got shape {correlation.shape}."
-        )
-    return jnp.stack([jnp.ones([], jnp.float32), -correlation])
+        return np.array([1.0, -value])
+    correlation = jnp.asarray(correlation)
+    return jnp.stack([jnp.ones([], correlation.dtype), -correlation])
 
 
-def check_coefficients(coefficients: Any) -> jax.Array:
-    """The coefficients as float32[K], K >= 1; finite where concrete."""
-    if _is_concrete(coefficients):
+def check_coefficients(coefficients: Any) -> Any:
+    """The coefficients as a float[K] array, K >= 1; finite where concrete.
+
+    Concrete coefficients become a float64 numpy array, so that float64
+    leaves get them unrounded and XLA sees constants; traced ones stay traced.
+    """
+    array = coefficients if not _is_concrete(coefficients) else None
+    if array is None:
         values = np.asarray(coefficients)
         if values.dtype.kind not in "fiu":
             raise ValueError(
@@ -198,12 +214,12 @@ def check_coefficients(coefficients: Any) -> jax.Array:
             )
         if not np.all(np.isfinite(values)):
             raise ValueError(f"coefficients must be finite, got {coefficients!r}.")
-    array = jnp.asarray(coefficients)
+        array = values.astype(np.float64)
     if array.ndim != 1 or array.shape[0] < 1:
         raise ValueError(
             "coefficients must be a non-empty 1-D sequence of floats, got shape "
             f"{array.shape}."
         )
-    if not jnp.issubdtype(array.dtype, jnp.number):
+    if not jnp.issubdtype(array.dtype, jnp.floating):
         raise ValueError(f"coefficients must be real numbers, got dtype {array.dtype}.")
-    return array.astype(jnp.float32)
+    return array

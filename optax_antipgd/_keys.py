@@ -15,13 +15,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# What a state records of the way its noise is drawn, as explicit codes: they
-# are part of the checkpoint format (tests/test_keys.py pins them), so a code
-# never changes meaning. Append new entries; never renumber.
-IMPL_CODES = {"threefry2x32": 0, "rbg": 1, "unsafe_rbg": 2}
-DISTRIBUTION_CODES = {"gaussian": 0, "rademacher": 1}
-LEAVES_CODES = {"all": 0, "cyclic": 1}
-
 Key = jax.typing.ArrayLike | int
 
 
@@ -81,11 +74,6 @@ def typed_key(key: Any) -> jax.Array:
     return jax.random.wrap_key_data(key_data(key), impl=impl)
 
 
-def impl_code(impl: Any) -> int:
-    """The code of a built-in impl in :data:`IMPL_CODES`, -1 for others."""
-    return IMPL_CODES.get(str(impl), -1)
-
-
 def normalized_path(path: tuple[Any, ...]) -> tuple[Any, ...]:
     """A leaf's path without a trailing ``.value``.
 
@@ -106,8 +94,9 @@ def _leaf_ids(path: Any) -> tuple[np.uint32, np.uint32]:
     return high, low
 
 
-# vmap over keys is exact for this impl: a leaf's stream drawn in a batch is
-# bit for bit the stream drawn alone (jax documents it; rbg does not promise it).
+# The impl whose hash ``_threefry`` writes out; vmap over its keys is exact
+# (a stream drawn in a batch is bit for bit the stream drawn alone, as jax
+# documents; rbg does not promise it).
 BATCHED_IMPL = "threefry2x32"
 
 
@@ -115,16 +104,15 @@ def has_batched_impl(key: jax.Array) -> bool:
     return str(jax.random.key_impl(key)) == BATCHED_IMPL
 
 
-def leaf_keys(step_key: jax.Array, paths: list[Any]) -> list[jax.Array]:
-    """``step_key`` folded with each path's digest: the leaves' keys."""
+def leaf_keys(step_key: jax.Array, paths: list[Any]) -> jax.Array:
+    """``step_key`` folded with each path's digest: the leaves' keys, stacked."""
     ids = np.array([_leaf_ids(path) for path in paths], np.uint32).reshape(-1, 2)
 
     def fold(high, low):
         return jax.random.fold_in(jax.random.fold_in(step_key, high), low)
 
     if not has_batched_impl(step_key) or len(paths) < 2:
-        return [fold(high, low) for high, low in ids]
+        return jnp.stack([fold(high, low) for high, low in ids])
     # One hash of all the digests instead of two per leaf: threefry lowers to a
     # loop on CPU, and hundreds of tiny loops dominated the compile time.
-    keys = jax.vmap(fold)(ids[:, 0], ids[:, 1])
-    return [keys[index] for index in range(len(paths))]
+    return jax.vmap(fold)(ids[:, 0], ids[:, 1])

@@ -1,4 +1,11 @@
-"""Which leaves of a pytree take part: float leaves do, ints and bools do not."""
+"""Trees: which leaves take part (float leaves), and whether a tree is init's.
+
+A noise state knows the tree ``init`` saw in one of two ways: by the
+structure of its stored noise (static: checked when tracing, naming the
+paths that differ), or, with nothing stored, by a digest of the paths and
+shapes (data: checked at once when concrete, and under ``jax.jit`` by a host
+callback that runs only when the digests differ). :func:`match` does both.
+"""
 
 import hashlib
 from typing import Any
@@ -36,6 +43,21 @@ def check_leaves(tree: Any) -> None:
     jax.tree_util.tree_map_with_path(lambda path, leaf: is_float(leaf, path), tree)
 
 
+def wide_dtype(tree: Any) -> Any:
+    """float64 if a float leaf of ``tree`` is float64, else float32.
+
+    The dtype of a state's scales and filter: float64 leaves draw float64
+    noise with a float64 ``sigma`` and coefficients.
+    """
+    dtypes = {jnp.result_type(leaf) for leaf in jax.tree.leaves(tree)}
+    return jnp.float64 if jnp.dtype(jnp.float64) in dtypes else jnp.float32
+
+
+def carries_noise(leaf: Any) -> bool:
+    """Whether an entry is an array that noise is added to (not a stub)."""
+    return leaf is not None and not isinstance(leaf, optax.MaskedNode)
+
+
 def _is_stub(node: Any) -> bool:
     """A node with no leaves that marks a place: ``None`` or ``optax.MaskedNode``."""
     return node is None or isinstance(node, optax.MaskedNode)
@@ -55,20 +77,20 @@ def _describe(leaf: Any) -> str:
     return f"{jnp.result_type(leaf)}{list(jnp.shape(leaf))}"
 
 
-def _kind(leaf: Any) -> str:
-    if _is_stub(leaf):
-        return _describe(leaf)
-    return f"{'float' if is_float(leaf) else 'other'}{list(jnp.shape(leaf))}"
+def _shape(leaf: Any) -> str:
+    return _describe(leaf) if _is_stub(leaf) else str(list(jnp.shape(leaf)))
 
 
 def digest(tree: Any) -> np.ndarray:
-    """A uint32[2] digest of ``tree``'s paths and shapes, and which leaves are float.
+    """A uint32[2] digest of ``tree``'s paths and shapes.
 
-    Not of the exact dtypes: updates may come in another float dtype than
-    the params (bf16 params, f32 updates) and still be the same tree.
+    Not of the dtypes: updates may come in another float dtype than the
+    params (bf16 params, f32 updates), and ``optax.sgd`` turns the updates of
+    int params into floats, and still it is the same tree.
     """
     text = ";".join(
-        f"{jax.tree_util.keystr(path)}:{_kind(leaf)}" for path, leaf in entries(tree)[0]
+        f"{jax.tree_util.keystr(path)}:{_shape(leaf)}"
+        for path, leaf in entries(tree)[0]
     )
     return np.frombuffer(
         hashlib.blake2b(text.encode(), digest_size=8).digest(), dtype="<u4"
@@ -110,9 +132,13 @@ def align(reference: Any, tree: Any, what: str, *, dtypes: bool) -> list[int]:
                 continue
         positions.append(index)
         expected = reference_entries[index][1]
-        if not _is_stub(expected) and not _is_stub(leaf):
-            same = jnp.shape(leaf) == jnp.shape(expected) and (
-                not dtypes or jnp.result_type(leaf) == jnp.result_type(expected)
+        if leaf is None and not _is_stub(expected):
+            mismatched.append((path, _describe(leaf), _describe(expected)))
+        elif not _is_stub(expected) and not _is_stub(leaf):
+            same = (
+                jnp.shape(leaf) == jnp.shape(expected)
+                and is_float(leaf) == is_float(expected)
+                and (not dtypes or jnp.result_type(leaf) == jnp.result_type(expected))
             )
             if not same:
                 mismatched.append((path, _describe(leaf), _describe(expected)))
@@ -129,11 +155,52 @@ def align(reference: Any, tree: Any, what: str, *, dtypes: bool) -> list[int]:
             f"{jax.tree_util.keystr(p)} is {got}, not {want}"
             for p, got, want in mismatched[:5]
         ]
-        raise ValueError(
-            f"{what} is not the tree the noise state was built for (by init): "
-            + "; ".join(problems)
-            + ". Pass the tree given to opt.init (the same paths, shapes and "
-            "dtypes): e.g. params, not {'params': params}, and "
-            "nnx.state(model, nnx.Param), not nnx.state(model)."
-        )
+        raise _wrong_tree(what, problems)
     return positions
+
+
+def _wrong_tree(what: str, problems: list[str]) -> ValueError:
+    return ValueError(
+        f"{what} is not the tree the noise state was built for (by init)"
+        + (": " + "; ".join(problems) if problems else ": its paths or shapes differ")
+        + ". Pass the tree given to opt.init (the same paths, shapes and "
+        "dtypes): e.g. params, not {'params': params}, and "
+        "nnx.state(model, nnx.Param), not nnx.state(model)."
+    )
+
+
+def match(
+    stored: tuple[Any, ...],
+    state_digest: jax.Array,
+    tree: Any,
+    what: str,
+    *,
+    dtypes: bool = False,
+) -> list[int]:
+    """Refuses ``tree`` unless it is the tree ``init`` saw; returns its positions.
+
+    With ``stored`` noise, ``tree``'s entries are matched by path to the
+    entries of ``stored[0]`` (:func:`align`). Without, ``tree``'s digest must
+    equal ``state_digest``; under ``jax.jit`` a ``lax.cond`` calls back to the
+    host to raise only when they differ, so a right tree costs one compare.
+
+    Raises:
+      ValueError: Naming what differs (or, from a digest, that it differs).
+    """
+    if stored:
+        return align(stored[0], tree, what, dtypes=dtypes)
+    expected = digest(tree)
+    if not isinstance(state_digest, jax.core.Tracer):
+        if not np.array_equal(np.asarray(state_digest), expected):
+            raise _wrong_tree(what, [])
+    else:
+
+        def refuse():
+            def raise_error():
+                raise _wrong_tree(what, [])
+
+            jax.debug.callback(raise_error)
+
+        same = jnp.all(state_digest == jnp.asarray(expected))
+        jax.lax.cond(same, lambda: None, refuse)
+    return list(range(len(entries(tree)[0])))
