@@ -160,6 +160,18 @@ def _rows(keys, impl, scales, shape, dtype, distribution, sharding):
     return noise
 
 
+def _varying(value: Any, *sources: jax.Array) -> Any:
+    """``value``, varying over the shard_map axes that any of ``sources`` varies over.
+
+    Inside shard_map, a key that differs per device makes a draw vary over the
+    mesh axes; zeros standing in for it must vary alike.
+    """
+    axes = frozenset().union(*(jax.typeof(x).manual_axis_type.varying for x in sources))
+    if not axes:
+        return value
+    return jax.lax.pcast(value, tuple(sorted(axes)), to="varying")
+
+
 def _traced_sharding(leaf: Any) -> NamedSharding | None:
     """A traced leaf's sharding where the trace knows it (explicit mesh axes)."""
     if not isinstance(leaf, jax.core.Tracer):
@@ -230,7 +242,7 @@ def _noise_lists(key, steps, scales, leaves, *, paths, distribution, cyclic):
         drawn = jax.lax.cond(
             jnp.any(row_scales != 0),
             lambda k, sc: draw(k, scales=sc),
-            lambda k, sc: jnp.zeros((num_steps, *shape), dtype),
+            lambda k, sc: _varying(jnp.zeros((num_steps, *shape), dtype), k, sc),
             keys,
             row_scales,
         )

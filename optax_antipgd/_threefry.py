@@ -1,13 +1,15 @@
-"""``jax.random.bits`` of a threefry key, with the hash written out unrolled.
+"""``jax.random.bits`` of a threefry key, with the hash written out elementwise.
 
-On CPU jax lowers the threefry hash to a loop of 5 iterations over the whole
-output, which streams the counters through memory 5 times and keeps the hash
-out of the fusions around it (a choice made for compile time: the loop body is
-emitted once). The hash is 20 elementwise rounds; written out, it fuses with
-the draw's transform and the update into one pass over memory. The function
-below computes the same bits as ``jax.random.bits`` (the partitionable scheme,
-jax's default since 0.5): ``tests/test_performance_paths.py`` pins them bit
-for bit, so a change in jax fails loudly instead of changing the noise.
+jax lowers the threefry hash on CPU to a loop of 5 iterations over the whole
+output, which streams the counters through memory 5 times and runs on one
+thread (a choice made for compile time: the loop body is emitted once). The
+hash is 20 elementwise rounds of 32-bit adds, rotations and xors: written out,
+each element is a pure function of its key and its flat index, the draw fuses
+with its transform and with what reads it, and XLA splits the fusion over the
+cores and the devices. The function below computes the same bits as
+``jax.random.bits`` (the partitionable scheme, jax's default since 0.5):
+``tests/test_draws.py`` pins them bit for bit, so a change in jax fails
+loudly instead of changing the noise.
 """
 
 from typing import Any
@@ -18,11 +20,6 @@ import numpy as np
 
 _ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
 _PARITY = np.uint32(0x1BD11BDA)
-
-
-# Counters are 64-bit flat indices, split into a high and a low word; this
-# module hashes leaves small enough for the high word to be 0.
-MAX_SIZE = 2**31
 
 
 def _hash(key: jax.Array, x0: jax.Array, x1: jax.Array) -> tuple[jax.Array, ...]:
@@ -43,8 +40,10 @@ def _hash(key: jax.Array, x0: jax.Array, x1: jax.Array) -> tuple[jax.Array, ...]
 def bits(key: jax.Array, counters: jax.Array, dtype: Any) -> jax.Array:
     """The elements at flat indices ``counters`` of ``jax.random.bits(key, ., dtype)``.
 
-    ``key`` is the raw uint32 data of a threefry key; ``counters`` are uint32
-    flat indices below :data:`MAX_SIZE`; ``dtype`` is uint32 or uint64.
+    ``key`` is the raw uint32 data of a threefry key (or its two words, as
+    arrays that broadcast against ``counters``); ``counters`` are uint32 flat
+    indices (the high word of jax's 64-bit counter is 0 below 2**32);
+    ``dtype`` is uint32 or uint64.
     """
     high, low = _hash(key, jnp.zeros_like(counters), counters)
     if jnp.dtype(dtype) == jnp.uint64:

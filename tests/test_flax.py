@@ -106,10 +106,10 @@ def test_nnx_optimizer_trains_under_nnx_jit(store_noise):
 
 def test_nnx_fractional_pgd_keeps_a_ring_of_params_and_follows_its_law():
     # fractional_pgd stored: K = 8 taps, a ring of 7 params-like trees. One
-    # step moves the weights by -lr * g + sum_j c_j xi_{n+1-j}; the filter's
+    # step moves the weights by -lr * g + sum_j c_j xi_{n-j}; the filter's
     # coefficients sum to s != 0, so denoised_params (which subtracts the noise
-    # in flight, sum_{j<K-1} D_j xi_{n-j}, D_j = c_0 + ... + c_j) moves by
-    # -lr * g + s * xi_{n+2-K}: the oldest draw, the one leaving the ring.
+    # in flight, sum_{j<K-1} D_j xi_{n-1-j}, D_j = c_0 + ... + c_j) moves by
+    # -lr * g + s * xi_{n+1-K}: the oldest draw, the one leaving the state.
     # sigma = 0.01: the filter's sum s = 0.39 lets s * sigma random-walk the
     # weights, and 40 steps must still halve the loss (plain SGD: 0.45x).
     hurst, num_taps, noise_std = 0.25, 8, 0.01
@@ -133,20 +133,16 @@ def test_nnx_fractional_pgd_keeps_a_ring_of_params_and_follows_its_law():
     _, grads = nnx_train_step(model, optimizer, *make_data())
     grads = nnx.as_pure(grads)
     ring_after = nnx.as_pure(optimizer.opt_state)[-1].noise
-    # xi_m sits in slot m mod 7: at n = NUM_STEPS the update drew xi_{n+1}
-    # into slot (n + 1) mod 7, over xi_{n-6}; the other slots are untouched.
-    new_slot = (NUM_STEPS + 1) % (num_taps - 1)
-    for slot in range(num_taps - 1):
-        if slot != new_slot:
-            chex.assert_trees_all_equal(ring_after[slot], ring_before[slot])
-    # A fresh draw: xi_{n+1} - xi_{n-6} has norm sigma * sqrt(2 * size).
+    # The stored draws shift by one, newest first: at n = NUM_STEPS the
+    # update drew xi_n into slot 0, and xi_{n-7} (the oldest) left.
+    for slot in range(1, num_taps - 1):
+        chex.assert_trees_all_equal(ring_after[slot], ring_before[slot - 1])
+    # A fresh draw: xi_n - xi_{n-1} has norm sigma * sqrt(2 * size).
     size = sum(leaf.size for leaf in jax.tree.leaves(before))
-    fresh = jax.tree.map(jnp.subtract, ring_after[new_slot], ring_before[new_slot])
+    fresh = jax.tree.map(jnp.subtract, ring_after[0], ring_before[0])
     assert optax.tree.norm(fresh) > 0.5 * noise_std * np.sqrt(2 * size)
-    # xi_{n+1-j} for j = 0 .. 7: the new draw, then xi_n, ..., xi_{n-6}.
-    draws = [ring_after[new_slot]] + [
-        ring_before[(NUM_STEPS - j) % (num_taps - 1)] for j in range(num_taps - 1)
-    ]
+    # xi_{n-j} for j = 0 .. 7: the new draw, then xi_{n-1}, ..., xi_{n-7}.
+    draws = [ring_after[0], *ring_before]
     noise = jax.tree.map(
         lambda *xs: sum(float(c) * x for c, x in zip(coefficients, xs, strict=True)),
         *draws,
@@ -156,7 +152,7 @@ def test_nnx_fractional_pgd_keeps_a_ring_of_params_and_follows_its_law():
     )
     # Float32 rounding of the filter's 8 terms and of the update.
     chex.assert_trees_all_close(params_of(model), expected, atol=1e-6)
-    oldest = ring_before[new_slot]
+    oldest = ring_before[-1]
     expected = jax.tree.map(
         lambda v, g, x: v - LEARNING_RATE * g + float(coefficients.sum()) * x,
         denoised,

@@ -303,8 +303,8 @@ def test_cyclic_leaves_draw_one_float_leaf_per_step_in_tree_order(
     # Updates of zeros: update n is the perturbation itself, exactly. Float
     # leaf n mod L draws at step n (tree order, so each leaf once per cycle of
     # L steps) and the others get exactly 0; with Anti-PGD the perturbation
-    # xi_{n+1} - xi_n touches at most leaves n and n + 1 (mod L), and the ring
-    # holds xi_{n+1}, nonzero on leaf n + 1 only.
+    # xi_n - xi_{n-1} touches at most leaves n and n - 1 (mod L), and the
+    # state holds xi_n, nonzero on leaf n only.
     zeros = jax.tree.map(lambda x: jnp.zeros_like(x) if is_float(x) else x, tree)
     num_leaves = len(float_leaves(tree))
     # An empty leaf draws when its turn comes but cannot show it.
@@ -320,7 +320,7 @@ def test_cyclic_leaves_draw_one_float_leaf_per_step_in_tree_order(
     update = jax.jit(transform.update)
     state = transform.init(zeros)
     if anticorrelated:
-        assert drawn_leaves(state.noise[0]) == {0} & shown
+        assert drawn_leaves(state.noise[0]) == {num_leaves - 1} & shown
     for n in range(num_leaves + 2):
         updates, state = update(zeros, state)
         for index, (leaf, update_leaf) in enumerate(
@@ -335,11 +335,11 @@ def test_cyclic_leaves_draw_one_float_leaf_per_step_in_tree_order(
         if not anticorrelated:
             assert drawn_leaves(updates) == {active} & shown, n
             continue
-        following = (n + 1) % num_leaves
-        assert drawn_leaves(state.noise[0]) == {following} & shown, n
+        previous = (n - 1) % num_leaves
+        assert drawn_leaves(state.noise[0]) == {active} & shown, n
         # With one leaf both draws land on it and may cancel elementwise.
         if num_leaves > 1:
-            assert drawn_leaves(updates) == {active, following} & shown, n
+            assert drawn_leaves(updates) == {active, previous} & shown, n
     assert int(state.count) == num_leaves + 2
 
 
@@ -363,7 +363,7 @@ def drawn_leaves(tree):
 LONG_RUN_STEPS = 100_000
 
 
-# The 7-slot ring once: its writes do not depend on the distribution.
+# The 7 stored draws once: their shifts do not depend on the distribution.
 @pytest.mark.parametrize(
     ("kind", "distribution"),
     [
@@ -378,8 +378,8 @@ LONG_RUN_STEPS = 100_000
 def test_100k_steps_under_scan_keep_the_noise_statistics(kind, distribution):
     # z_n of a 64-element leaf for n = 0 .. 100k: every draw must be fresh
     # (no stream reuse as the counter grows), standardised and uncorrelated
-    # with the draws before it, near and far. Stored kinds: update n writes
-    # xi_{n+1} into ring slot (n + 1) mod (K - 1) and leaves the others alone.
+    # with the draws before it, near and far. Stored kinds: update n puts
+    # xi_n first and shifts the older draws by one slot, the oldest leaving.
     #
     # A real scan of 100k steps, not one update vmapped over states built at
     # chosen counts: the scan takes 1 to 2 s a case on CPU (about 10 us a
@@ -395,19 +395,18 @@ def test_100k_steps_under_scan_keep_the_noise_statistics(kind, distribution):
         updates, new_state = transform.update(leaf, state)
         if not num_slots:
             return new_state, (updates, True)
-        written = jnp.mod(new_state.count, num_slots)
         others_kept = jnp.asarray(True)
-        for slot in range(num_slots):
-            kept = jnp.all(new_state.noise[slot] == state.noise[slot])
-            others_kept &= (written == slot) | kept
-        return new_state, (jnp.stack(new_state.noise)[written], others_kept)
+        for slot in range(1, num_slots):
+            kept = jnp.all(new_state.noise[slot] == state.noise[slot - 1])
+            others_kept &= kept
+        return new_state, (new_state.noise[0], others_kept)
 
     state, (draws, others_kept) = jax.jit(
         lambda: jax.lax.scan(step, transform.init(leaf), length=LONG_RUN_STEPS)
     )()
     assert int(state.count) == LONG_RUN_STEPS
     assert bool(jnp.all(others_kept))
-    z = np.asarray(draws, np.float64) / noise_std  # row n: z_n (or z_{n+1})
+    z = np.asarray(draws, np.float64) / noise_std  # row n: z_n
     assert z.shape == (LONG_RUN_STEPS, 64)
 
     # No two steps drew the same vector, as a reused stream would (a chance
