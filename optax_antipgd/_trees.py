@@ -182,7 +182,9 @@ def match(
     With ``stored`` noise, ``tree``'s entries are matched by path to the
     entries of ``stored[0]`` (:func:`align`). Without, ``tree``'s digest must
     equal ``state_digest``; under ``jax.jit`` a ``lax.cond`` calls back to the
-    host to raise only when they differ, so a right tree costs one compare.
+    host only when they differ, so a right tree costs one compare. (Under
+    ``jax.vmap`` the cond becomes a select that runs both branches: the
+    callback is then given the comparison and raises only if it failed.)
 
     Raises:
       ValueError: Naming what differs (or, from a digest, that it differs).
@@ -195,12 +197,10 @@ def match(
             raise _wrong_tree(what, [])
     else:
 
-        def refuse():
-            def raise_error():
+        def raise_unless(same):
+            if not np.all(same):
                 raise _wrong_tree(what, [])
 
-            jax.debug.callback(raise_error)
-
         same = jnp.all(state_digest == jnp.asarray(expected))
-        jax.lax.cond(same, lambda: None, refuse)
+        jax.lax.cond(same, lambda: None, lambda: jax.debug.callback(raise_unless, same))
     return list(range(len(entries(tree)[0])))

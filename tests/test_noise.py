@@ -493,9 +493,20 @@ def test_same_key_gives_the_same_updates_with_and_without_jit(name):
     )
 
 
+# Every regenerated member with threefry keys; the other impls (which redraw
+# through jax.random, not the written-out hash) with Anti-PGD and the longest
+# filter.
+STORE_MODE_CASES = [
+    (name, impl)
+    for name in MEMBERS
+    if name.endswith("_regenerated")
+    for impl in ("threefry2x32", "rbg", "unsafe_rbg")
+    if impl == "threefry2x32" or name in ("anti_regenerated", "fractional_regenerated")
+]
+
+
 @pytest.mark.parametrize("schedule", ["changing", "injected"])
-@pytest.mark.parametrize("impl", ["threefry2x32", "rbg", "unsafe_rbg"])
-@pytest.mark.parametrize("name", [n for n in MEMBERS if n.endswith("_regenerated")])
+@pytest.mark.parametrize(("name", "impl"), STORE_MODE_CASES)
 def test_both_store_modes_give_the_same_updates_and_denoised_params(
     name, impl, schedule
 ):
@@ -759,22 +770,43 @@ WRONG_TREES = {
 WRONG = "not the tree the noise state was built for"
 
 
-@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
-@pytest.mark.parametrize("name", MEMBERS)
+# One member per way of knowing the tree: stored draws (matched by path), and a
+# digest of paths and shapes (PGD, and the correlated family without stored
+# draws), checked at once eagerly and by a host callback when traced.
+TREE_CHECKS = ["anti", "pgd", "anti_regenerated"]
+
+
+def _checked(function, mode):
+    if mode == "eager":
+        return function
+    if mode == "jit":
+        return jax.jit(function)
+    # Three copies of the state, as when vmapping over seeds: the compare is
+    # then batched, and the check must still raise only for a wrong tree.
+    return jax.jit(jax.vmap(function, in_axes=(None, 0)))
+
+
+@pytest.mark.parametrize("mode", ["eager", "jit", "vmap"])
+@pytest.mark.parametrize("name", TREE_CHECKS)
 @pytest.mark.parametrize("wrong", WRONG_TREES.values(), ids=WRONG_TREES)
-def test_update_and_denoised_params_refuse_a_tree_init_did_not_see(wrong, name, jit):
+def test_update_and_denoised_params_refuse_a_tree_init_did_not_see(wrong, name, mode):
     params = {"w": jnp.zeros((4, 3)), "b": jnp.zeros(3)}
     transform = MEMBERS[name].make(0.5, 0)
-    state = transform.init(params)
-    update = jax.jit(transform.update) if jit else transform.update
-    denoised = jax.jit(ap.denoised_params) if jit else ap.denoised_params
-    jax.block_until_ready((update(params, state), denoised(state, params)))  # right
+    if mode == "vmap":
+        state = jax.vmap(lambda key: MEMBERS[name].make(0.5, key).init(params))(
+            jnp.arange(3)
+        )
+    else:
+        state = transform.init(params)
+    update = _checked(lambda tree, s: transform.update(tree, s), mode)
+    denoised = _checked(lambda tree, s: ap.denoised_params(s, tree), mode)
+    jax.block_until_ready((update(params, state), denoised(params, state)))  # right
     # Eagerly, or with stored noise, at once; traced without stored noise, by
     # a host callback when the step runs (raised by jax as a runtime error).
     with pytest.raises(Exception, match=WRONG):
         jax.block_until_ready(update(wrong(params), state))
     with pytest.raises(Exception, match=WRONG):
-        jax.block_until_ready(denoised(state, wrong(params)))
+        jax.block_until_ready(denoised(wrong(params), state))
 
 
 @pytest.mark.parametrize("name", [n for n in MEMBERS if MEMBERS[n].store_noise])
