@@ -167,6 +167,7 @@ def _varying(value: Any, *sources: jax.Array) -> Any:
     mesh axes; zeros standing in for it must vary alike.
     """
     axes = frozenset().union(*(jax.typeof(x).manual_axis_type.varying for x in sources))
+    axes -= jax.typeof(value).manual_axis_type.varying
     if not axes:
         return value
     return jax.lax.pcast(value, tuple(sorted(axes)), to="varying")
@@ -200,7 +201,7 @@ def _noise_lists(key, steps, scales, leaves, *, paths, distribution, cyclic):
     keeps it where it is the active one.
     """
     impl = jax.random.key_impl(key)
-    num_steps, num_leaves = len(steps), len(leaves)
+    num_leaves = len(leaves)
     leaf_keys = [
         jax.random.key_data(_keys.leaf_keys(jax.random.fold_in(key, step), paths))
         for step in steps
@@ -213,51 +214,76 @@ def _noise_lists(key, steps, scales, leaves, *, paths, distribution, cyclic):
         groups.setdefault(group, []).append(index)
     noise = [[None] * num_leaves for _ in steps]
     for (shape, dtype, _), members in groups.items():
-        sharding = _traced_sharding(leaves[members[0]])
         draw = functools.partial(
             _rows,
             impl=impl,
             shape=shape,
             dtype=dtype,
             distribution=distribution,
-            sharding=sharding,
+            sharding=_traced_sharding(leaves[members[0]]),
         )
-        if not cyclic:
-            keys = jnp.concatenate([k[jnp.asarray(members)] for k in leaf_keys])
-            row_scales = jnp.repeat(jnp.stack(scales), len(members))
-            drawn = draw(keys, scales=row_scales)
-            for row, (s, index) in enumerate(
-                (s, index) for s in range(num_steps) for index in members
-            ):
-                noise[s][index] = drawn[row]
-            continue
-        active = [jnp.mod(step, num_leaves) for step in steps]
-        hits = [jnp.asarray(members) == a for a in active]  # [step] -> bool[members]
-        keys = jnp.stack(
-            [k[jnp.asarray(members)][jnp.argmax(h)] for k, h in zip(leaf_keys, hits)]
-        )
-        row_scales = jnp.stack(
-            [jnp.where(jnp.any(h), sc, 0) for h, sc in zip(hits, scales, strict=True)]
-        )
-        drawn = jax.lax.cond(
-            jnp.any(row_scales != 0),
-            lambda k, sc: draw(k, scales=sc),
-            lambda k, sc: _varying(jnp.zeros((num_steps, *shape), dtype), k, sc),
-            keys,
-            row_scales,
-        )
-        for s in range(num_steps):
-            for position, index in enumerate(members):
-                noise[s][index] = jnp.where(hits[s][position], drawn[s], 0)
+        keys = [k[jnp.asarray(members)] for k in leaf_keys]  # [step][member]
+        if cyclic:
+            active = [jnp.mod(step, num_leaves) for step in steps]
+            drawn = _active_rows(draw, keys, scales, active, members)
+        else:
+            drawn = _every_row(draw, keys, scales)
+        for s, row in enumerate(drawn):
+            for index, value in zip(members, row, strict=True):
+                noise[s][index] = value
     return [
-        [value.astype(jnp.result_type(leaf)) for value, leaf in zip(row, leaves)]
+        [
+            value.astype(jnp.result_type(leaf))
+            for value, leaf in zip(row, leaves, strict=True)
+        ]
         for row in noise
+    ]
+
+
+def _every_row(draw, keys, scales):
+    """``[step][member]``: every member's draw at every step, in one fusion."""
+    num_members = keys[0].shape[0]
+    drawn = draw(
+        jnp.concatenate(keys), scales=jnp.repeat(jnp.stack(scales), num_members)
+    )
+    return [
+        [drawn[s * num_members + m] for m in range(num_members)]
+        for s in range(len(keys))
+    ]
+
+
+def _active_rows(draw, keys, scales, active, members):
+    """``[step][member]`` with cyclic leaves: only the active member draws.
+
+    One row per step, the active member's key (none when the group has no
+    active member, and nothing is drawn when no row has a scale); each member
+    keeps it where it is the active one, and is zero elsewhere.
+    """
+    hits = [jnp.asarray(members) == a for a in active]  # [step] -> bool[members]
+    row_keys = jnp.stack([k[jnp.argmax(h)] for k, h in zip(keys, hits, strict=True)])
+    row_scales = jnp.stack(
+        [jnp.where(jnp.any(h), sc, 0) for h, sc in zip(hits, scales, strict=True)]
+    )
+
+    def zeros(k, sc):
+        return _varying(jnp.zeros_like(jax.eval_shape(draw, k, scales=sc)), k, sc)
+
+    drawn = jax.lax.cond(
+        jnp.any(row_scales != 0),
+        lambda k, sc: draw(k, scales=sc),
+        zeros,
+        row_keys,
+        row_scales,
+    )
+    return [
+        [jnp.where(h[m], drawn[s], 0) for m in range(len(members))]
+        for s, h in enumerate(hits)
     ]
 
 
 @functools.lru_cache(maxsize=32)
 def _spread_draw(paths, distribution, cyclic, shardings, num_steps):
-    """The draw compiled with the leaves' ``shardings``, once per tree and step count."""
+    """The draw compiled with the leaves' ``shardings``, once per tree and count."""
     draw = functools.partial(
         _noise_lists, paths=list(paths), distribution=distribution, cyclic=cyclic
     )
