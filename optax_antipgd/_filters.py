@@ -6,7 +6,6 @@ moving-average representation of fractional Gaussian noise.
 """
 
 import functools
-import math
 from typing import Any
 
 import jax

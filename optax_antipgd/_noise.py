@@ -8,6 +8,7 @@ draws are kept in the state (newest first) or regenerated from the key.
 with the same function that adds it (:func:`_apply_filter`).
 """
 
+import functools
 from collections.abc import Callable
 from typing import Any
 from typing import Literal
@@ -65,7 +66,8 @@ class CorrelatedNoiseState(NamedTuple):
     # int32 [4]: codes of the law, key impl, distribution and leaves: how to
     # redraw the noise (store_noise=False), and what a checkpoint holds.
     sampler: jax.Array
-    # uint32 [2]: digest of the paths, shapes and float-ness of init's tree.
+    # uint32 [2]: digest of the paths and shapes of init's tree: with nothing
+    # stored, how update and denoised_params know they have that tree.
     digest: jax.Array
 
 
@@ -111,11 +113,12 @@ def _check_bool(name: str, value: Any) -> bool:
 def _apply_filter(tree, weights, noises, positions):
     """``tree + sum_j weights[j] * noises[j]`` at the float leaves that carry noise.
 
-    ``noises`` are trees, ``positions[j][i]`` the entry of ``noises[j]`` that
-    entry ``i`` of ``tree`` is (:func:`optax_antipgd._trees.match`). Each sum is computed
-    in the wider of the leaf's and the noise's dtype and returned in the
-    leaf's. The one place the filter meets the weights: :func:`update` adds
-    ``c_j xi_{n-j}``, :func:`denoised_params` subtracts what is in flight.
+    ``noises`` are trees, ``positions[j][i]`` the entry of ``noises[j]``
+    that entry ``i`` of ``tree`` is (:func:`optax_antipgd._trees.match`).
+    Each sum is computed in the wider of the leaf's and the noise's dtype and
+    returned in the leaf's. The one place the filter meets the weights: the
+    update adds ``c_j xi_{n-j}``, :func:`denoised_params` subtracts what is
+    in flight.
     """
     entries, treedef = _trees.entries(tree)
     noise_entries = [[leaf for _, leaf in _trees.entries(n)[0]] for n in noises]
@@ -212,6 +215,9 @@ def add_correlated_noise(
       2
     """
     std_at = _noise_std_fn(noise_std)
+    constant_std = None  # known when the transform is built: no test per step
+    if not callable(noise_std) and not isinstance(noise_std, jax.core.Tracer):
+        constant_std = float(np.asarray(noise_std))
     coefficients = _filters.check_coefficients(coefficients)
     num_past = coefficients.shape[0] - 1
     cyclic = _check_choice("leaves", leaves, LEAVES_CODES) == "cyclic"
@@ -250,14 +256,12 @@ def add_correlated_noise(
             state = state._replace(noise=tuple(past))
         return state
 
-    def step_fn(updates, state):
-        sigma = std_at(state.count).astype(state.noise_std.dtype)
+    def noisy_step(updates, state, sigma, positions):
+        """The update with noise: draw xi_n, apply the filter, keep the past."""
         if store_noise:
-            positions = _trees.match(state.noise, state.digest, updates, "updates")
             (new,) = draw(state, [state.count], updates, [sigma])
             past = state.noise
         else:
-            positions = _trees.match((), state.digest, updates, "updates")
             steps = [state.count - lag for lag in range(num_past + 1)]
             scales = [sigma, *state.noise_std[:num_past]]
             new, *past = draw(state, steps, updates, scales)
@@ -267,14 +271,28 @@ def add_correlated_noise(
         )
         if store_noise and num_past:
             state = state._replace(noise=(_stored(new, past[0], positions), *past[:-1]))
-        noise_std = jnp.concatenate([sigma[None], state.noise_std[:-1]])
-        return updates, state._replace(noise_std=noise_std)
+        return updates, state
 
     def update_fn(updates, state, params=None):
         del params
         _check_law(state)
-        updates, state = step_fn(updates, state)
-        return updates, state._replace(count=optax.safe_increment(state.count))
+        positions = _trees.match(state.noise, state.digest, updates, "updates")
+        sigma = std_at(state.count).astype(state.noise_std.dtype)
+        step = functools.partial(noisy_step, sigma=sigma, positions=positions)
+        if constant_std is not None and constant_std > 0:
+            updates, state = step(updates, state)
+        else:
+            # sigma(n) = 0 and nothing in flight: the step adds nothing, so it
+            # does no work on the noise and leaves the stored draws (all zero)
+            # in place.
+            quiet = (sigma == 0) & jnp.all(state.noise_std[:num_past] == 0)
+            updates, state = jax.lax.cond(
+                quiet, lambda u, s: (u, s), step, updates, state
+            )
+        noise_std = jnp.concatenate([sigma[None], state.noise_std[:-1]])
+        return updates, state._replace(
+            count=optax.safe_increment(state.count), noise_std=noise_std
+        )
 
     return optax.GradientTransformation(init_fn, update_fn)
 
