@@ -21,9 +21,10 @@ def loss(params):
 
 def trajectory(opt, num_steps=5):
     params, state = PARAMS, opt.init(PARAMS)
+    update = jax.jit(opt.update)
     out = []
     for _ in range(num_steps):
-        updates, state = opt.update(jax.grad(loss)(params), state, params)
+        updates, state = update(jax.grad(loss)(params), state, params)
         params = optax.apply_updates(params, updates)
         out.append(params)
     return out
