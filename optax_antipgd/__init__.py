@@ -4,6 +4,8 @@ from optax_antipgd._alias import anti_pgd
 from optax_antipgd._alias import fractional_pgd
 from optax_antipgd._alias import pgd
 from optax_antipgd._filters import fractional_coefficients
+from optax_antipgd._hessian import hessian_block_traces
+from optax_antipgd._hessian import hessian_block_traces_with_stderr
 from optax_antipgd._hessian import hessian_eigenvalues
 from optax_antipgd._hessian import hessian_spectrum
 from optax_antipgd._hessian import hessian_trace
@@ -31,6 +33,8 @@ __all__ = (
     "denoised_params",
     "fractional_coefficients",
     "fractional_pgd",
+    "hessian_block_traces",
+    "hessian_block_traces_with_stderr",
     "hessian_eigenvalues",
     "hessian_spectrum",
     "hessian_trace",

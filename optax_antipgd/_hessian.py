@@ -21,9 +21,9 @@ Estimator = Literal["hutchinson", "hutch++"]
 _ESTIMATORS = Estimator.__args__
 
 # Lanczos has found an invariant subspace when a new residual is this many
-# machine epsilons of the Hessian's norm seen so far, or less. Cutting the
-# tridiagonal matrix there moves its eigenvalues by at most that much, while
-# continuing would normalise rounding noise into the basis (see _lanczos).
+# machine epsilons of |H q_j|, the product it was left of, or less. Cutting
+# the tridiagonal matrix there moves its eigenvalues by at most that much,
+# while continuing would normalise rounding noise into the basis (_lanczos).
 _BREAKDOWN_EPS = 64
 
 
@@ -282,6 +282,157 @@ def hessian_trace_with_stderr(
     return exact + jnp.mean(forms), stderr
 
 
+def _block_forms(fn, params, key, num_samples, batch_size, minimum):
+    """Hutchinson's forms split by leaf: a tree of ``[num_samples]`` arrays.
+
+    The probes of :func:`hessian_trace`: ``z_s . H z_s`` is the sum over
+    leaves of ``z_s[leaf] . (H z_s)[leaf]``, each unbiased for the trace of
+    that leaf's diagonal block.
+    """
+    num_samples = _hvp.check_count("num_samples", num_samples, minimum)
+    batch_size = _hvp.check_batch_size(batch_size, num_samples)
+    base_key = _keys.typed_key(key)
+    hessian = _hvp.hessian_operator(fn, params)
+
+    def block_form(probe_key):
+        probe = hessian.rademacher(probe_key)
+        return hessian.leaf_sums(probe * hessian.matvec(probe))
+
+    probe_keys = jax.random.split(base_key, num_samples)
+    return _hvp.batched_map(block_form, probe_keys, batch_size)
+
+
+def hessian_block_traces(
+    fn: Callable[[Any], jax.typing.ArrayLike],
+    params: Any,
+    key: _keys.Key,
+    *,
+    num_samples: int = 64,
+    batch_size: int | None = None,
+) -> Any:
+    r"""The trace of each leaf's diagonal block of the Hessian: which layers are sharp.
+
+    Write the Hessian in blocks by leaf, :math:`H = (H_{ab})`. The trace of
+    a leaf's diagonal block, :math:`\operatorname{Tr} H_{aa}`, is the
+    curvature that leaf carries, and the blocks' traces sum to
+    :math:`\operatorname{Tr} H`. Hutchinson's probes give all of them at
+    once: the part of each quadratic form :math:`z^\top H z` that falls on a
+    leaf's entries, :math:`z_a^\top (H z)_a`, is an unbiased estimate of
+    :math:`\operatorname{Tr} H_{aa}`,
+
+    .. math::
+
+        \operatorname{Tr} H_{aa} \approx \frac{1}{S} \sum_{s=1}^{S}
+        z_{s,a}^\top (H z_s)_a, \qquad z_s \in \{-1, +1\}^d
+        \text{ i.i.d.},
+
+    with variance :math:`(2 (\|H_{aa}\|_F^2 - \sum_{i \in a} H_{ii}^2) +
+    \sum_{b \ne a} \|H_{ab}\|_F^2) / S`: curvature shared with other leaves
+    adds variance, not bias. The probes are those of :func:`hessian_trace` with
+    ``estimator="hutchinson"``: with the same ``key`` and ``num_samples`` the
+    leaves sum to its estimate, to rounding. Exact for a Hessian that is
+    diagonal within each block and zero across them.
+
+    ``params`` may be any pytree. Float leaves are differentiated; int and
+    bool leaves are held constant and get 0. The function is pure and
+    jit-able (and vmaps); ``params`` and ``key`` may be tracers. Cost and
+    memory as :func:`hessian_trace`: ``num_samples`` Hessian-vector
+    products, all at once unless ``batch_size`` bounds them.
+    :func:`hessian_block_traces_with_stderr` adds the standard errors.
+
+    Args:
+      fn: A function of ``params`` returning a scalar.
+      params: The point at which the Hessian is taken, a pytree of arrays.
+      key: A key, as :func:`hessian_trace` takes it: it draws the probes.
+      num_samples: The number :math:`S` of Hessian-vector products, ``>= 1``.
+      batch_size: The number of products evaluated at a time, ``>= 1``;
+        ``None`` evaluates all at once.
+
+    Returns:
+      A pytree with the structure of ``params``: at each leaf a scalar, the
+      estimate of its block's trace (0 at int and bool leaves), in the dtype
+      of :func:`hessian_trace`'s estimate (at least float32).
+
+    Raises:
+      ValueError: If ``num_samples`` or ``batch_size`` is below 1.
+      TypeError: As :func:`hessian_trace`.
+
+    Examples:
+      >>> import jax
+      >>> import jax.numpy as jnp
+      >>> import optax_antipgd as ap
+      >>> # Curvature 3 on a layer of 4 weights, 0.5 on one of 10; a step count.
+      >>> loss = lambda p: 1.5 * jnp.sum(p["w1"] ** 2) + 0.25 * jnp.sum(p["w2"] ** 2)
+      >>> params = {"w1": jnp.ones((2, 2)), "w2": jnp.ones(10), "step": jnp.asarray(7)}
+      >>> blocks = ap.hessian_block_traces(loss, params, key=0, num_samples=8)
+      >>> print({name: round(float(v), 4) for name, v in blocks.items()})
+      {'step': 0.0, 'w1': 12.0, 'w2': 5.0}
+      >>> trace = ap.hessian_trace(loss, params, key=0, num_samples=8)
+      >>> bool(jnp.allclose(sum(jax.tree.leaves(blocks)), trace))
+      True
+
+    References:
+      Hutchinson, `A Stochastic Estimator of the Trace of the Influence Matrix
+      for Laplacian Smoothing Splines
+      <https://doi.org/10.1080/03610919008812866>`_, 1990
+    """
+    forms = _block_forms(fn, params, key, num_samples, batch_size, minimum=1)
+    return jax.tree.map(jnp.mean, forms)
+
+
+def hessian_block_traces_with_stderr(
+    fn: Callable[[Any], jax.typing.ArrayLike],
+    params: Any,
+    key: _keys.Key,
+    *,
+    num_samples: int = 64,
+    batch_size: int | None = None,
+) -> tuple[Any, Any]:
+    r""":func:`hessian_block_traces` with the standard error of each estimate.
+
+    Each block's estimate is a mean of ``num_samples`` i.i.d. forms
+    :math:`q_s = z_{s,a}^\top (H z_s)_a`; its standard error is their sample
+    standard deviation over :math:`\sqrt{S}`, as in
+    :func:`hessian_trace_with_stderr` (0 where the forms do not vary: int and
+    bool leaves, and blocks the probes see exactly). The same probes, the
+    same products, the same estimates.
+
+    Args:
+      fn: A function of ``params`` returning a scalar.
+      params: The point at which the Hessian is taken, a pytree of arrays.
+      key: A key, as :func:`hessian_trace` takes it.
+      num_samples: The number :math:`S` of Hessian-vector products, ``>= 2``.
+      batch_size: The number of products evaluated at a time; ``None``: all.
+
+    Returns:
+      ``(traces, stderrs)``: two pytrees with the structure of ``params``;
+      ``traces`` equals :func:`hessian_block_traces`'s.
+
+    Raises:
+      ValueError: If ``num_samples`` is below 2 or ``batch_size`` below 1.
+      TypeError: As :func:`hessian_trace`.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import optax_antipgd as ap
+      >>> matrix = jnp.array([[2.0, 1.0], [1.0, 3.0]])  # blocks: 2 and 3
+      >>> fn = lambda p: 0.5 * jnp.stack([p["a"], p["b"]]) @ matrix @ jnp.stack(
+      ...     [p["a"], p["b"]])
+      >>> params = {"a": jnp.asarray(0.0), "b": jnp.asarray(0.0)}
+      >>> traces, stderrs = ap.hessian_block_traces_with_stderr(
+      ...     fn, params, key=0, num_samples=1000)
+      >>> # Each block's form is its diagonal entry +- the coupling, 1.
+      >>> print(round(float(stderrs["a"]), 3), round(float(stderrs["b"]), 3))
+      0.032 0.032
+      >>> bool(abs(traces["a"] - 2) < 0.2 and abs(traces["b"] - 3) < 0.2)
+      True
+    """
+    forms = _block_forms(fn, params, key, num_samples, batch_size, minimum=2)
+    traces = jax.tree.map(jnp.mean, forms)
+    stderrs = jax.tree.map(lambda f: jnp.std(f, ddof=1) / jnp.sqrt(f.shape[0]), forms)
+    return traces, stderrs
+
+
 def _check_num_matvecs(num_matvecs: Any, dim: int) -> int:
     num_matvecs = _hvp.check_count("num_matvecs", num_matvecs)
     if dim < 1:
@@ -304,9 +455,17 @@ def _lanczos(
     leave the spectrum (for ``2 * I`` they spread over [-2.7, 6.7]), or it
     divides 0 by 0 (NaN). ``matfree.decomp.tridiag_sym`` symmetrises the
     matrix, which can hide the tiny residual norm; the Hessenberg matrix
-    keeps it. So the iteration is cut at the first residual norm that is at
-    most ``_BREAKDOWN_EPS`` epsilons of the norm seen so far: the leading
-    block holds the exact eigenvalues of the invariant subspace.
+    keeps it. So the iteration is cut at the first step ``j`` whose residual
+    norm ``beta_j`` is at most ``_BREAKDOWN_EPS`` epsilons of the norm of
+    column ``j`` of the Hessenberg matrix, about ``|H q_j|``: the residual is
+    then what rounding leaves of ``H q_j`` after its projection on the basis,
+    and the leading block holds the exact eigenvalues of the invariant
+    subspace. The test is per column, not against the largest norm seen so
+    far: on a network's spectrum (outliers orders of magnitude above a bulk
+    near 0) a genuine bulk residual is tiny beside the outliers, and cutting
+    there would stop the Krylov space although it is not invariant (a
+    bulk of 298 eigenvalues in [0, 0.01] under outliers of 250 and 500
+    collapsed to 8 nodes, its top eigenvalue returned as 0.0077).
 
     Returns:
       ``(alphas, betas, size)``: the diagonal ``[num_matvecs]`` and the
@@ -317,9 +476,9 @@ def _lanczos(
     _, hessenberg, _, _ = decompose(matvec, start)
     alphas = jnp.diagonal(hessenberg)
     betas = jnp.diagonal(hessenberg, offset=-1)  # the residual norms
-    seen = jax.lax.cummax(jnp.maximum(jnp.abs(alphas[:-1]), betas))
+    columns = jnp.linalg.norm(hessenberg[:, :-1], axis=0)  # about |H q_j|
     tolerance = _BREAKDOWN_EPS * jnp.finfo(betas.dtype).eps
-    broken = ~(betas > tolerance * seen)  # NaN counts as broken
+    broken = ~(betas > tolerance * columns)  # NaN counts as broken
     size = jnp.where(jnp.any(broken), jnp.argmax(broken) + 1, num_matvecs)
     index = jnp.arange(num_matvecs)
     alphas = jnp.where(index < size, alphas, 0)
@@ -329,6 +488,52 @@ def _lanczos(
 
 def _tridiagonal(alphas: jax.Array, betas: jax.Array) -> jax.Array:
     return jnp.diag(alphas) + jnp.diag(betas, 1) + jnp.diag(betas, -1)
+
+
+def _tridiagonal_eigenvalues(
+    alphas: jax.Array, betas: jax.Array, indices: jax.Array
+) -> jax.Array:
+    """Eigenvalues ``indices`` (0: the smallest) of the tridiagonal matrix.
+
+    A dense solver is accurate to about ``eps * |T|`` in absolute terms: with
+    outliers 1e5 times the bulk's width above it (a network's Hessian), that
+    is 1% of the bulk (``jnp.linalg.eigvalsh`` in float32 returned the bulk's
+    top, 0.02 under an outlier of 2000, as 0.0197). Sturm counts of the
+    ``L D L^T`` pivots see each entry at its own scale (Kahan's bisection,
+    LAPACK's ``stebz``), so bisected to the last bit they resolve the bulk to
+    rounding of its own size.
+    """
+    dtype = alphas.dtype
+    squares = jnp.concatenate([jnp.zeros(1, dtype), betas**2])
+    pivot_floor = jnp.finfo(dtype).tiny * jnp.maximum(1, jnp.max(squares))
+
+    def count_below(x):
+        def pivot(d, entry):
+            alpha, square = entry
+            d = alpha - x - square / d
+            d = jnp.where(jnp.abs(d) < pivot_floor, -pivot_floor, d)
+            return d, d < 0
+
+        _, negative = jax.lax.scan(pivot, jnp.ones([], dtype), (alphas, squares))
+        return jnp.sum(negative)
+
+    radius = jnp.abs(jnp.pad(betas, (1, 0))) + jnp.abs(jnp.pad(betas, (0, 1)))
+    width = jnp.max(jnp.abs(alphas) + radius)
+
+    def eigenvalue(index):
+        def halve(_, bounds):
+            lower, upper = bounds
+            middle = 0.5 * (lower + upper)
+            above = count_below(middle) <= index
+            return jnp.where(above, middle, lower), jnp.where(above, upper, middle)
+
+        # From |T| down to the spacing of floats near 0: the exponent range.
+        lower, upper = jax.lax.fori_loop(
+            0, 2 * jnp.finfo(dtype).nmant + 40, halve, (-width - 1, width + 1)
+        )
+        return 0.5 * (lower + upper)
+
+    return jax.vmap(eigenvalue)(indices)
 
 
 def hessian_eigenvalues(
@@ -352,11 +557,24 @@ def hessian_eigenvalues(
     *algebraic* ones: a negative eigenvalue of large magnitude (a saddle)
     does not displace a smaller positive one.
 
-    The basis is fully reorthogonalised (``matfree``). One start vector sees
-    each distinct eigenvalue once: an eigenvalue of multiplicity 2 is returned
-    once, and when the Hessian has fewer distinct eigenvalues than ``k`` (a
-    multiple of the identity, a Hessian of small rank) the Krylov space is
-    exhausted early and the missing entries are NaN.
+    The basis is fully reorthogonalised (``matfree``). In exact arithmetic
+    one start vector sees each distinct eigenvalue once: when the Hessian has
+    fewer distinct eigenvalues than ``k`` (a multiple of the identity, a
+    Hessian of small rank) the Krylov space is exhausted early, the iteration
+    stops there and the missing entries are NaN. In floating point a
+    repeated eigenvalue is split by rounding (by about ``eps * |H|``), and
+    once Lanczos has converged to it, it may find the copies too (three
+    eigenvalues of 300 in a random basis came back as 300 three times), as
+    a dense solver lists them; or it may not, if the copies are not split.
+
+    On a network's spectrum (a few outliers orders of magnitude above a
+    narrow bulk near 0) the outliers converge first and the bulk is not
+    lost under them: the iteration stops only where the Krylov space is
+    invariant (:func:`_lanczos`), and the tridiagonal matrix's eigenvalues
+    are bisected to the bulk's own rounding. Measured in float32, ``d =
+    300``, 64 steps: outliers 2000 and 40 over a bulk in ``[-0.005, 0.02]``
+    gave ``[2000.0, 40.0, 0.019999]``; 1000, 500, 250 over ``[0, 0.01]``
+    gave all three to 1e-7.
 
     ``params`` may be any pytree; int and bool leaves are held constant. The
     function is pure and jit-able; ``params`` and ``key`` may be tracers.
@@ -432,10 +650,10 @@ def hessian_eigenvalues(
     radius = jnp.abs(jnp.pad(betas, (1, 0))) + jnp.abs(jnp.pad(betas, (0, 1)))
     lower = jnp.min(jnp.where(index < size, alphas - radius, jnp.inf))
     fill = lower - 1 - jnp.abs(lower)
-    ritz = jnp.linalg.eigvalsh(
-        _tridiagonal(jnp.where(index < size, alphas, fill), betas)
+    top = _tridiagonal_eigenvalues(
+        jnp.where(index < size, alphas, fill), betas, num_matvecs - 1 - index[:k]
     )
-    return jnp.where(index[:k] < size, ritz[::-1][:k], jnp.nan)
+    return jnp.where(index[:k] < size, top, jnp.nan)
 
 
 def hessian_spectrum(

@@ -31,6 +31,9 @@ class HessianOperator(NamedTuple):
     rademacher: Callable[[jax.Array], jax.Array]  # key -> [dim], a +-1 probe.
     dim: int  # The number of float parameters.
     dtype: Any  # Of the flat vectors: float32 or wider.
+    # [dim] -> a params-like tree of scalars: the sum of the vector's entries
+    # on each float leaf, and 0 (in dtype) at the int and bool leaves.
+    leaf_sums: Callable[[jax.Array], Any]
 
 
 def check_count(name: str, value: Any, minimum: int = 1) -> int:
@@ -93,7 +96,6 @@ def hessian_operator(fn: Callable[[Any], Any], params: Any) -> HessianOperator:
     for leaf_dtype in leaf_dtypes:
         dtype = jnp.promote_types(dtype, leaf_dtype)
     _, unravel = ravel_pytree([jnp.asarray(leaf, dtype) for leaf in float_leaves])
-    dim = sum(int(np.prod(jnp.shape(leaf))) for leaf in float_leaves)
     grad_fn = jax.grad(fn_of_float_leaves)
 
     def ravel(tree_leaves):
@@ -123,4 +125,18 @@ def hessian_operator(fn: Callable[[Any], Any], params: Any) -> HessianOperator:
             ]
         )
 
-    return HessianOperator(matvec, rademacher, dim, dtype)
+    sizes = [int(np.prod(jnp.shape(leaf))) for leaf in float_leaves]
+    starts = np.cumsum([0, *sizes])
+
+    def leaf_sums(vector):
+        sums = iter(
+            jnp.sum(vector[start:end])
+            for start, end in zip(starts[:-1], starts[1:], strict=True)
+        )
+        return jax.tree.unflatten(
+            treedef,
+            [next(sums) if f else jnp.zeros([], dtype) for f in is_float],
+        )
+
+    dim = int(starts[-1])
+    return HessianOperator(matvec, rademacher, dim, dtype, leaf_sums)
