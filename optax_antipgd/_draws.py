@@ -240,16 +240,39 @@ def _noise_lists(key, steps, scales, leaves, *, paths, distribution, cyclic):
     ]
 
 
+def _zeros_like_draw(draw, keys, scales):
+    """What ``draw(keys, scales=scales)`` returns, all zero, without drawing."""
+    shape = jax.eval_shape(draw, keys, scales=scales)
+    return _varying(jnp.zeros(shape.shape, shape.dtype), keys, scales)
+
+
 def _every_row(draw, keys, scales):
-    """``[step][member]``: every member's draw at every step, in one fusion."""
+    """``[step][member]``: every member's draw at every step, a fusion per step.
+
+    A step whose scale is 0 draws nothing (a ``lax.cond``): a schedule that
+    has switched the noise off costs no draws. (One fusion over all the
+    steps, sliced per step, was slower on CPU: a ``store_noise=False``
+    Anti-PGD step of 10M float32 took 273 ms against 53 ms, 2 cores.)
+    """
     num_members = keys[0].shape[0]
-    drawn = draw(
-        jnp.concatenate(keys), scales=jnp.repeat(jnp.stack(scales), num_members)
-    )
-    return [
-        [drawn[s * num_members + m] for m in range(num_members)]
-        for s in range(len(keys))
-    ]
+
+    def one(step_keys, scale):
+        step_scales = jnp.full((num_members,), scale)
+        if not isinstance(scale, jax.core.Tracer):
+            # Outside a trace a cond would compile its branches at every call.
+            if scale == 0:
+                return _zeros_like_draw(draw, step_keys, step_scales)
+            return draw(step_keys, scales=step_scales)
+        return jax.lax.cond(
+            scale == 0,
+            functools.partial(_zeros_like_draw, draw),
+            lambda k, sc: draw(k, scales=sc),
+            step_keys,
+            step_scales,
+        )
+
+    drawn = [one(k, sc) for k, sc in zip(keys, scales, strict=True)]
+    return [[rows[m] for m in range(num_members)] for rows in drawn]
 
 
 def _active_rows(draw, keys, scales, active, members):
@@ -265,13 +288,10 @@ def _active_rows(draw, keys, scales, active, members):
         [jnp.where(jnp.any(h), sc, 0) for h, sc in zip(hits, scales, strict=True)]
     )
 
-    def zeros(k, sc):
-        return _varying(jnp.zeros_like(jax.eval_shape(draw, k, scales=sc)), k, sc)
-
     drawn = jax.lax.cond(
         jnp.any(row_scales != 0),
         lambda k, sc: draw(k, scales=sc),
-        zeros,
+        functools.partial(_zeros_like_draw, draw),
         row_keys,
         row_scales,
     )

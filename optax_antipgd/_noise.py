@@ -8,7 +8,6 @@ draws are kept in the state (newest first) or regenerated from the key.
 with the same function that adds it (:func:`_apply_filter`).
 """
 
-import functools
 from collections.abc import Callable
 from typing import Any
 from typing import Literal
@@ -91,11 +90,13 @@ def _noise_std_fn(noise_std: optax.ScalarOrSchedule) -> Callable[[Any], jax.Arra
             "noise_std must be a scalar or a schedule, "
             f"got shape {jnp.shape(noise_std)}."
         )
-    if not isinstance(noise_std, jax.core.Tracer):
-        value = float(np.asarray(noise_std))
-        if not value >= 0:  # also NaN
-            raise ValueError(f"noise_std must be >= 0, got {noise_std!r}.")
-    return lambda count: jnp.asarray(noise_std)
+    if isinstance(noise_std, jax.core.Tracer):
+        return lambda count: jnp.asarray(noise_std)
+    value = np.asarray(noise_std)
+    if not value >= 0:  # also NaN
+        raise ValueError(f"noise_std must be >= 0, got {noise_std!r}.")
+    # A constant stays concrete under jit, so the draw knows it is not 0.
+    return lambda count: value
 
 
 def _check_choice(name: str, value: Any, choices: dict[str, int]) -> str:
@@ -215,9 +216,6 @@ def add_correlated_noise(
       2
     """
     std_at = _noise_std_fn(noise_std)
-    constant_std = None  # known when the transform is built: no test per step
-    if not callable(noise_std) and not isinstance(noise_std, jax.core.Tracer):
-        constant_std = float(np.asarray(noise_std))
     coefficients = _filters.check_coefficients(coefficients)
     num_past = coefficients.shape[0] - 1
     cyclic = _check_choice("leaves", leaves, LEAVES_CODES) == "cyclic"
@@ -278,17 +276,7 @@ def add_correlated_noise(
         _check_law(state)
         positions = _trees.match(state.noise, state.digest, updates, "updates")
         sigma = std_at(state.count).astype(state.noise_std.dtype)
-        step = functools.partial(noisy_step, sigma=sigma, positions=positions)
-        if constant_std is not None and constant_std > 0:
-            updates, state = step(updates, state)
-        else:
-            # sigma(n) = 0 and nothing in flight: the step adds nothing, so it
-            # does no work on the noise and leaves the stored draws (all zero)
-            # in place.
-            quiet = (sigma == 0) & jnp.all(state.noise_std[:num_past] == 0)
-            updates, state = jax.lax.cond(
-                quiet, lambda u, s: (u, s), step, updates, state
-            )
+        updates, state = noisy_step(updates, state, sigma, positions)
         noise_std = jnp.concatenate([sigma[None], state.noise_std[:-1]])
         return updates, state._replace(
             count=optax.safe_increment(state.count), noise_std=noise_std
