@@ -213,6 +213,11 @@ def hessian_trace(
     return exact + jnp.mean(forms)
 
 
+def _stderr(forms: jax.Array) -> jax.Array:
+    """The standard error of the mean of i.i.d. ``forms``: their spread over sqrt(n)."""
+    return jnp.std(forms, ddof=1) / jnp.sqrt(forms.shape[0])
+
+
 def hessian_trace_with_stderr(
     fn: Callable[[Any], jax.typing.ArrayLike],
     params: Any,
@@ -278,7 +283,7 @@ def hessian_trace_with_stderr(
     exact, forms = _trace_terms(
         fn, params, key, num_samples, batch_size, estimator, min_residual=2
     )
-    stderr = jnp.std(forms, ddof=1) / jnp.sqrt(forms.shape[0])
+    stderr = _stderr(forms)
     return exact + jnp.mean(forms), stderr
 
 
@@ -429,7 +434,7 @@ def hessian_block_traces_with_stderr(
     """
     forms = _block_forms(fn, params, key, num_samples, batch_size, minimum=2)
     traces = jax.tree.map(jnp.mean, forms)
-    stderrs = jax.tree.map(lambda f: jnp.std(f, ddof=1) / jnp.sqrt(f.shape[0]), forms)
+    stderrs = jax.tree.map(_stderr, forms)
     return traces, stderrs
 
 
@@ -490,6 +495,11 @@ def _tridiagonal(alphas: jax.Array, betas: jax.Array) -> jax.Array:
     return jnp.diag(alphas) + jnp.diag(betas, 1) + jnp.diag(betas, -1)
 
 
+def _gershgorin_radii(betas: jax.Array) -> jax.Array:
+    """Row ``i``'s off-diagonal sum ``|beta_{i-1}| + |beta_i|`` of the tridiagonal."""
+    return jnp.abs(jnp.pad(betas, (1, 0))) + jnp.abs(jnp.pad(betas, (0, 1)))
+
+
 def _tridiagonal_eigenvalues(
     alphas: jax.Array, betas: jax.Array, indices: jax.Array
 ) -> jax.Array:
@@ -517,7 +527,7 @@ def _tridiagonal_eigenvalues(
         _, negative = jax.lax.scan(pivot, jnp.ones([], dtype), (alphas, squares))
         return jnp.sum(negative)
 
-    radius = jnp.abs(jnp.pad(betas, (1, 0))) + jnp.abs(jnp.pad(betas, (0, 1)))
+    radius = _gershgorin_radii(betas)
     width = jnp.max(jnp.abs(alphas) + radius)
 
     def eigenvalue(index):
@@ -647,7 +657,7 @@ def hessian_eigenvalues(
     # Fill the unused diagonal below the block's Gershgorin interval, so the
     # block's eigenvalues come first once sorted; the rest become NaN.
     index = jnp.arange(num_matvecs)
-    radius = jnp.abs(jnp.pad(betas, (1, 0))) + jnp.abs(jnp.pad(betas, (0, 1)))
+    radius = _gershgorin_radii(betas)
     lower = jnp.min(jnp.where(index < size, alphas - radius, jnp.inf))
     fill = lower - 1 - jnp.abs(lower)
     top = _tridiagonal_eigenvalues(

@@ -254,8 +254,11 @@ def add_correlated_noise(
             state = state._replace(noise=tuple(past))
         return state
 
-    def noisy_step(updates, state, sigma, positions):
-        """The update with noise: draw xi_n, apply the filter, keep the past."""
+    def update_fn(updates, state, params=None):
+        del params
+        _check_law(state)
+        positions = _trees.match(state.noise, state.digest, updates, "updates")
+        sigma = std_at(state.count).astype(state.noise_std.dtype)
         if store_noise:
             (new,) = draw(state, [state.count], updates, [sigma])
             past = state.noise
@@ -269,14 +272,6 @@ def add_correlated_noise(
         )
         if store_noise and num_past:
             state = state._replace(noise=(_stored(new, past[0], positions), *past[:-1]))
-        return updates, state
-
-    def update_fn(updates, state, params=None):
-        del params
-        _check_law(state)
-        positions = _trees.match(state.noise, state.digest, updates, "updates")
-        sigma = std_at(state.count).astype(state.noise_std.dtype)
-        updates, state = noisy_step(updates, state, sigma, positions)
         noise_std = jnp.concatenate([sigma[None], state.noise_std[:-1]])
         return updates, state._replace(
             count=optax.safe_increment(state.count), noise_std=noise_std
