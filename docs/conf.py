@@ -1,4 +1,6 @@
-"""Sphinx configuration: the API reference, generated from the docstrings."""
+"""Sphinx configuration: MyST pages, executed MyST-NB tutorials, the API
+reference generated from the docstrings, and MathJax served from the build
+itself (sphinx-mathjax-offline vendors it), so the build needs no network."""
 
 import pathlib
 
@@ -11,9 +13,11 @@ release = optax_antipgd.__version__
 version = release
 
 extensions = [
+    "myst_nb",
     "sphinx.ext.autodoc",
     "sphinx.ext.napoleon",
     "sphinx.ext.mathjax",
+    "sphinx-mathjax-offline",
     "sphinx.ext.viewcode",
 ]
 
@@ -28,9 +32,19 @@ autodoc_member_order = "bysource"
 autodoc_typehints = "none"
 autodoc_preserve_defaults = True
 
-exclude_patterns = ["_build"]
-html_theme = "alabaster"
+myst_enable_extensions = ["dollarmath", "amsmath", "colon_fence"]
+myst_heading_anchors = 3
+
+# The tutorials run at every build; an error in a cell fails it.
+nb_execution_mode = "force"
+nb_execution_raise_on_error = True
+nb_execution_timeout = 120
+nb_execution_show_tb = True
+
+exclude_patterns = ["_build", "jupyter_execute"]
+html_theme = "sphinx_book_theme"
 html_title = f"optax_antipgd {release}"
+html_theme_options = {"show_toc_level": 2}
 
 # Every public name must be in the reference: fail the build otherwise.
 _api = (pathlib.Path(__file__).parent / "api.rst").read_text()
