@@ -386,7 +386,7 @@ def check_sharded_jit_compiled_update_has_no_collective(name):
 def check_sharded_jit_with_out_shardings_keeps_noise_sharded_without_collective(
     name,
 ):
-    # What the README tells users to do: pin the step's output shardings.
+    # What the Scale-out page tells users to do: pin the step's output shardings.
     run = sharded_run(name, NUM_DEVICES)
     step = jax.jit(
         make_step(OPTIMIZERS[name]()),

@@ -164,7 +164,7 @@ def test_sharded_jit_compiled_update_has_no_collective(checks, optimizer):
 def test_sharded_jit_with_out_shardings_keeps_noise_sharded_without_collective(
     checks, optimizer
 ):
-    """The README's recipe: the step's out_shardings pinned to the state's."""
+    """The Scale-out page's recipe: the step's out_shardings pinned to the state's."""
     _outcome(
         checks,
         "sharded_jit_with_out_shardings_keeps_noise_sharded_without_collective",
