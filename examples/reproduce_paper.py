@@ -20,9 +20,10 @@ clean phase, so Anti-PGD returns to its noise-free iterate.
    start, minibatch "Anti-SGD") and a sweep of the noise's correlation, with
    noise levels chosen on a validation split.
 
-Prints a markdown table per experiment and writes them, with PNG figures, to
-``--out`` (default ``results/``). ``--quick`` runs everything at reduced size
-(a smoke run: its numbers mean nothing). ``--experiments`` runs a subset;
+Prints a markdown table per experiment and writes them (``results.md``; the
+numbers in ``results.json``; how, where and when in ``run.json``), with PNG
+figures, to ``--out`` (default ``results/``). ``--quick`` runs everything at
+reduced size (a smoke run: its numbers mean nothing). ``--experiments`` runs a subset;
 ``--seed N`` adds N to every seed (inits, noise, batch orders, the toy data and
 the validation split), for a re-run on seeds nobody chose settings on.
 
@@ -34,10 +35,14 @@ the validation split), for a re-run on seeds nobody chose settings on.
 import argparse
 import concurrent.futures
 import dataclasses
+import datetime
 import functools
+import importlib.metadata
 import json
 import os
 import pathlib
+import platform
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -533,8 +538,27 @@ def run_mnist1d(name: str, args: argparse.Namespace) -> tuple[str, dict]:
     return f"{outcome.title[:-1]}, {seconds})\n\n{outcome.body}", outcome.summary
 
 
-def run(name: str, args: argparse.Namespace) -> tuple[str, dict]:
-    return (run_toy if name in TOY_EXPERIMENTS else run_mnist1d)(name, args)
+def run(name: str, args: argparse.Namespace) -> tuple[str, dict, float]:
+    """The experiment's markdown, its summary and its wall time in seconds."""
+    start = time.perf_counter()
+    markdown, summary = (run_toy if name in TOY_EXPERIMENTS else run_mnist1d)(
+        name, args
+    )
+    return markdown, summary, time.perf_counter() - start
+
+
+def machine() -> str:
+    """The CPU (or accelerator) the run used, in words."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            models = [line.split(":", 1)[1] for line in f if "model name" in line]
+        cpu = models[0].strip() if models else cpu
+    except OSError:
+        pass
+    device = jax.devices()[0]
+    kind = getattr(device, "device_kind", device.platform)
+    return f"{cpu}, {os.cpu_count()} cores; jax {jax.default_backend()} ({kind})"
 
 
 def _experiment_names(text: str) -> list[str]:
@@ -584,7 +608,7 @@ def main() -> None:
 
     start = time.perf_counter()
     report = [f"# Anti-PGD reproduction ({'quick' if args.quick else 'full'} run)"]
-    summary = {}
+    summary, seconds = {}, {}
     if args.quick:
         # A smoke run is mostly compilation, which XLA does outside Python's
         # lock: the toy problems and MNIST-1D run side by side, two threads.
@@ -605,17 +629,36 @@ def main() -> None:
         outcomes = ((name, done[name]) for name in args.experiments)
     else:
         outcomes = ((name, run(name, args)) for name in args.experiments)
-    for name, (markdown, experiment_summary) in outcomes:
+    for name, (markdown, experiment_summary, experiment_seconds) in outcomes:
         print(f"\n{markdown}\n", flush=True)
         report.append(markdown)
         summary[name] = experiment_summary
-    total = f"Total wall time: {time.perf_counter() - start:.0f} s"
+        seconds[name] = round(experiment_seconds, 1)
+    total_seconds = time.perf_counter() - start
+    total = f"Total wall time: {total_seconds:.0f} s"
     print(total)
     report.append(total)
     (args.out / "results.md").write_text("\n\n".join(report) + "\n")
     # Per experiment, method and metric: the final mean ("<metric>"), its std
     # over seeds ("<metric> std") and the seeds' values ("<metric> per seed").
     (args.out / "results.json").write_text(json.dumps(summary, indent=1))
+    # How, where and when the numbers were made.
+    run_info = {
+        "command": " ".join(["python", *sys.argv]),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine(),
+        "versions": {
+            name: importlib.metadata.version(name)
+            for name in ("jax", "jaxlib", "optax", "flax", "optax_antipgd")
+        },
+        "python": platform.python_version(),
+        "quick": args.quick,
+        "seed": args.seed,
+        "mnist1d_loss": args.mnist1d_loss,
+        "seconds": seconds,
+        "total_seconds": round(total_seconds, 1),
+    }
+    (args.out / "run.json").write_text(json.dumps(run_info, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from optax_antipgd._noise import add_fractional_noise
 from optax_antipgd._noise import add_independent_noise
 from optax_antipgd._noise import denoised_params
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 
 __all__ = (
     "AnticorrelatedNoiseState",
