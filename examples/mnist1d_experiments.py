@@ -514,12 +514,48 @@ def _diagnostics_program(loss_name: str, trace_probes: int, lanczos_steps: int):
         trace, stderr = ap.hessian_trace_with_stderr(
             objective, params, 0, num_samples=trace_probes, batch_size=8
         )
+        # The same probes: the layers' traces sum to Tr H.
+        blocks = ap.hessian_block_traces(
+            objective, params, 0, num_samples=trace_probes, batch_size=8
+        )
         top = ap.hessian_eigenvalues(
             objective, params, 1, k=1, num_matvecs=lanczos_steps
         )
-        return {"Tr H": trace, "Tr H s.e.": stderr, "lambda_max": top[0]}
+        return {
+            "Tr H": trace,
+            "Tr H s.e.": stderr,
+            "lambda_max": top[0],
+            **layer_traces(blocks),
+        }
 
     return jax.jit(jax.vmap(one, in_axes=(0, None, None)))
+
+
+def layer_traces(blocks: Any) -> dict[str, jax.Array]:
+    """``"Tr H <layer>"``: the block traces of a layer's leaves, summed.
+
+    The layer of a leaf is the first key of its path (``conv1``, ``head``).
+    """
+    traces = {}
+    for path, value in jax.tree_util.tree_flatten_with_path(blocks)[0]:
+        name = f"Tr H {getattr(path[0], 'key', path[0])}"
+        traces[name] = traces[name] + value if name in traces else value
+    return traces
+
+
+def layer_table(metrics: dict[str, dict]) -> str:
+    """Method -> metrics with ``"Tr H <layer>"`` entries: a markdown table."""
+    layers = [m for m in next(iter(metrics.values())) if m.startswith("Tr H ")]
+    layers = [m for m in layers if m != "Tr H s.e."]
+    names = [m.removeprefix("Tr H ") for m in layers]
+    lines = [
+        "| method | " + " | ".join(names) + " |",
+        "|" + "---|" * (len(names) + 1),
+    ]
+    for method, values in metrics.items():
+        cells = [_mean_std(values[m]) for m in layers]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 # Training ---------------------------------------------------------------------
@@ -978,6 +1014,9 @@ def _report(
     markdown = "\n\n".join(
         [
             table,
+            "Tr H by layer (the block traces of its weights and biases, with "
+            "the probes of Tr H):",
+            layer_table(metrics),
             "Every grid point (the chosen sigma has the best mean validation "
             "accuracy):",
             grid_table,

@@ -96,6 +96,7 @@ class Experiment:
     exact_trace: bool = False  # whether metrics() gives Tr H exactly
     final_probes: int = 128  # Hutchinson probes for the final Tr H
     lanczos_steps: int = 0  # > 0: the final lambda_max, by that many steps
+    block_traces: bool = False  # the final Tr H of each layer (a network)
 
     # Compiled once per experiment and shared by its methods (same params).
     @functools.cached_property
@@ -124,6 +125,19 @@ class Experiment:
             jax.vmap(
                 lambda p: ap.hessian_trace(
                     self.loss, p, 7, num_samples=self.final_probes, batch_size=32
+                )
+            )
+        )
+
+    @functools.cached_property
+    def layer_traces_fn(self) -> Callable[[Any], dict[str, jax.Array]]:
+        """``"Tr H <layer>"`` at the final params, with the probes of the final Tr H."""
+        return jax.jit(
+            jax.vmap(
+                lambda p: mnist1d_experiments.layer_traces(
+                    ap.hessian_block_traces(
+                        self.loss, p, 7, num_samples=self.final_probes, batch_size=32
+                    )
                 )
             )
         )
@@ -193,6 +207,9 @@ def train(
         logs["Tr H"][:, -1] = np.asarray(experiment.final_trace_fn(carry[0]))
     if experiment.lanczos_steps:
         logs["lambda_max"] = np.asarray(experiment.lambda_max_fn(carry[0]))[:, None]
+    if experiment.block_traces:
+        for name, value in experiment.layer_traces_fn(carry[0]).items():
+            logs[name] = np.asarray(value)[:, None]
     return logs, carry[0]
 
 
@@ -389,6 +406,7 @@ def digits(quick: bool, shift: int) -> Experiment:
         num_seeds=2 if quick else 3,
         final_probes=32 if quick else 128,
         lanczos_steps=4 if quick else 32,
+        block_traces=True,
         table=("test accuracy %", "train loss", "Tr H", "lambda_max"),
         reference={"GD": "93.2%, Tr H ~800", "PGD": "88%", "Anti-PGD": "95.4%, ~600"},
     )
@@ -520,13 +538,25 @@ def run_toy(name: str, args: argparse.Namespace) -> tuple[str, dict]:
         f"## {experiment.name} ({steps} steps, {experiment.num_seeds} seeds, "
         f"{time.perf_counter() - experiment_start:.0f} s)"
     )
+    reported = [*experiment.table]
+    markdown = markdown_table(experiment, results)
+    if experiment.block_traces:
+        layers = {
+            method_name: {m: logs[m][:, -1] for m in logs if m.startswith("Tr H ")}
+            for method_name, logs in results.items()
+        }
+        reported += list(next(iter(layers.values())))
+        markdown += (
+            "\n\nTr H by layer (block traces, with the probes of the final Tr H):"
+            f"\n\n{mnist1d_experiments.layer_table(layers)}"
+        )
     summary = {
         method_name: mnist1d_experiments.summarize(
-            {m: logs[m][:, -1] for m in experiment.table}
+            {m: logs[m][:, -1] for m in reported}
         )
         for method_name, logs in results.items()
     }
-    return f"{title}\n\n{markdown_table(experiment, results)}", summary
+    return f"{title}\n\n{markdown}", summary
 
 
 def run_mnist1d(name: str, args: argparse.Namespace) -> tuple[str, dict]:

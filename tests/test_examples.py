@@ -103,6 +103,29 @@ def test_mnist1d_reports_every_method_sanely(quick_reproduction, experiment):
             assert chosen == max(grid)  # selected on validation accuracy
 
 
+LAYERS = {
+    "digits": ("hidden", "out"),
+    **dict.fromkeys(MNIST1D_METHODS, ("conv1", "conv2", "conv3", "head")),
+}
+
+
+@pytest.mark.parametrize("experiment", sorted(LAYERS))
+def test_layer_traces_are_reported_and_sum_to_the_trace_per_seed(
+    quick_reproduction, experiment
+):
+    # The block traces use the probes of Tr H: per seed, the layers' traces
+    # add up to it (to float32 rounding of a sum of 2 to 4 terms).
+    for method, metrics in quick_reproduction[2][experiment].items():
+        layers = [
+            np.asarray(metrics[f"Tr H {layer} per seed"])
+            for layer in LAYERS[experiment]
+        ]
+        total = np.asarray(metrics["Tr H per seed"])
+        np.testing.assert_allclose(sum(layers), total, rtol=1e-5, err_msg=method)
+        assert all(np.all(layer != 0) for layer in layers), method
+    assert "Tr H by layer" in quick_reproduction[1]
+
+
 def test_mnist1d_correlation_sweep_reports_its_points(quick_reproduction):
     out, stdout, results = quick_reproduction
     points = results["mnist1d-correlation"]
