@@ -75,21 +75,51 @@ def _trace_terms(
         forms = _hvp.batched_map(hutchinson_form, probe_keys, batch_size)
         return jnp.zeros([], hessian.dtype), forms
 
-    # Hutch++: the orthonormal basis Q of H S, S a Rademacher sketch; the trace
-    # on its span, Tr(Q^T H Q), is exact, and Hutchinson estimates the rest.
-    def sketch_column(probe_key):
-        return hessian.matvec(hessian.rademacher(probe_key))
-
-    sketch = _hvp.batched_map(sketch_column, probe_keys[:num_sketch], batch_size)
-    basis = jnp.linalg.qr(sketch.T)[0].T  # [num_sketch, dim], orthonormal rows
-    exact = jnp.sum(_hvp.batched_map(quadratic_form, basis, batch_size))
-
-    def residual_form(probe_key):
-        probe = hessian.rademacher(probe_key)
-        return quadratic_form(probe - basis.T @ (basis @ probe))
-
+    # Hutch++ in three stages of Hessian-vector products: H S for a Rademacher
+    # sketch S; Q^T H Q for Q the orthonormal basis of H S, whose trace is
+    # exact on span(Q); Hutchinson on the rest, (I - Q Q^T) z. One scan over
+    # the stages holds the one product site, so the HVP compiles once.
+    num_residual = num_samples - 2 * num_sketch
+    rows = max(num_sketch, num_residual)
+    sketch_keys = probe_keys[:num_sketch]
     residual_keys = probe_keys[2 * num_sketch :]
-    return exact, _hvp.batched_map(residual_form, residual_keys, batch_size)
+
+    def pad(vectors):
+        return jnp.pad(vectors, ((0, rows - vectors.shape[0]), (0, 0)))
+
+    def probes(keys):
+        return jax.vmap(hessian.rademacher)(keys)
+
+    def stage(carry, index):
+        products, basis = carry
+        basis = jax.lax.cond(
+            index == 1,
+            lambda: jnp.linalg.qr(products[:num_sketch].T)[0].T.astype(basis.dtype),
+            lambda: basis,
+        )
+        vectors = jax.lax.switch(
+            index,
+            [
+                lambda: pad(probes(sketch_keys)),
+                lambda: pad(basis),
+                lambda: pad(_deflated(probes(residual_keys), basis)),
+            ],
+        )
+        products = _hvp.batched_map(hessian.matvec, vectors, batch_size)
+        return (products, basis), jnp.sum(vectors * products, axis=-1)
+
+    start = (
+        jnp.zeros((rows, hessian.dim), hessian.dtype),
+        jnp.zeros((num_sketch, hessian.dim), hessian.dtype),
+    )
+    _, forms = jax.lax.scan(stage, start, jnp.arange(3))
+    exact = jnp.sum(forms[1, :num_sketch])
+    return exact, forms[2, :num_residual]
+
+
+def _deflated(vectors: jax.Array, basis: jax.Array) -> jax.Array:
+    """``(I - Q Q^T) v`` for each row ``v``, ``Q`` the orthonormal rows of ``basis``."""
+    return vectors - (vectors @ basis.T) @ basis
 
 
 def hessian_trace(

@@ -103,6 +103,9 @@ def hessian_operator(fn: Callable[[Any], Any], params: Any) -> HessianOperator:
             return jnp.zeros((0,), dtype)
         return jnp.concatenate([jnp.ravel(x).astype(dtype) for x in tree_leaves])
 
+    sizes = [int(np.prod(jnp.shape(leaf))) for leaf in float_leaves]
+    starts = np.cumsum([0, *sizes])
+
     def matvec(vector):
         # Under vmap only the tangent is batched: the primal pass runs once.
         tangents = [
@@ -113,20 +116,8 @@ def hessian_operator(fn: Callable[[Any], Any], params: Any) -> HessianOperator:
         return ravel(product)
 
     def rademacher(key):
-        # One key per float leaf, drawn in the leaf's dtype: the probes of
-        # hessian_trace since its first release, so its estimates are unchanged.
-        leaf_keys = jax.random.split(key, len(float_leaves))
-        return ravel(
-            [
-                jax.random.rademacher(leaf_key, jnp.shape(leaf), leaf_dtype)
-                for leaf_key, leaf, leaf_dtype in zip(
-                    leaf_keys, float_leaves, leaf_dtypes, strict=True
-                )
-            ]
-        )
-
-    sizes = [int(np.prod(jnp.shape(leaf))) for leaf in float_leaves]
-    starts = np.cumsum([0, *sizes])
+        # One draw over the flat vector: the hash compiles once, not per leaf.
+        return jax.random.rademacher(key, (int(starts[-1]),), dtype)
 
     def leaf_sums(vector):
         sums = iter(
