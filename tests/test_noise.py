@@ -811,6 +811,33 @@ def test_update_and_denoised_params_refuse_a_tree_init_did_not_see(wrong, name, 
         jax.block_until_ready(denoised(wrong(params), state))
 
 
+@pytest.mark.parametrize("mode", ["jit", "vmap"])
+@pytest.mark.parametrize("name", ["pgd", "anti_regenerated"])
+def test_a_right_tree_costs_no_host_callback(name, mode, monkeypatch):
+    # The digest check calls back to the host only when it fails: a round
+    # trip per seed and step would cost more than a small model's update.
+    calls = []
+    callback = jax.debug.callback
+    monkeypatch.setattr(
+        jax.debug,
+        "callback",
+        lambda fn, *args: callback(lambda *a: (calls.append(1), fn(*a)), *args),
+    )
+    params = {"w": jnp.zeros((4, 3)), "b": jnp.zeros(3)}
+    transform = MEMBERS[name].make(0.5, 0)
+    state = jax.vmap(lambda key: MEMBERS[name].make(0.5, key).init(params))(
+        jnp.arange(3)
+    )
+    if mode == "jit":
+        state = jax.tree.map(lambda x: x[0], state)
+    update = _checked(lambda tree, s: transform.update(tree, s), mode)
+    jax.block_until_ready(update(params, state))
+    assert calls == []
+    with pytest.raises(Exception, match=WRONG):  # the callback is in place
+        jax.block_until_ready(update({"w": params["w"]}, state))
+    assert calls
+
+
 @pytest.mark.parametrize("name", [n for n in MEMBERS if MEMBERS[n].store_noise])
 def test_stored_noise_refuses_an_int_leaf_where_init_saw_a_float(name):
     # With stored noise the tree's float leaves are known; without, only its
