@@ -40,8 +40,12 @@ nb_execution_mode = "force"
 nb_execution_raise_on_error = True
 nb_execution_timeout = 120
 nb_execution_show_tb = True
+# Markdown that cells display (the Reproducing page's tables) is parsed as MyST.
+nb_render_markdown_format = "myst"
 
-exclude_patterns = ["_build", "jupyter_execute"]
+# docs/results/ holds the committed runs that reproducing.md reads (their
+# results.md is not a page).
+exclude_patterns = ["_build", "jupyter_execute", "results"]
 html_theme = "sphinx_book_theme"
 html_title = f"optax_antipgd {release}"
 html_theme_options = {"show_toc_level": 2}

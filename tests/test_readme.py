@@ -8,10 +8,13 @@ loop's variables say so in the text before them. The tutorials in
 docs/tutorials/ are notebooks executed by the docs build (`bash .ci/docs`).
 """
 
+import importlib.util
 import pathlib
 import re
+import sys
 
 import jax
+import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).parent.parent
@@ -54,3 +57,61 @@ def test_the_readme_is_a_landing_page_that_links_every_docs_page():
     tutorials = {f"tutorials/{page.stem}" for page in ROOT.glob("docs/tutorials/*.md")}
     assert len(tutorials) >= 3
     assert pages | tutorials <= linked, (pages | tutorials) - linked
+
+
+def _results():
+    """docs/_results.py, the helpers that docs/reproducing.md computes with."""
+    spec = importlib.util.spec_from_file_location("_results", ROOT / "docs/_results.py")
+    module = sys.modules.setdefault("_results", importlib.util.module_from_spec(spec))
+    spec.loader.exec_module(module)
+    return module
+
+
+# The paired differences that the README's Results paragraph quotes, in order:
+# (run, experiment, a, b, metric) for the difference a - b.
+START, ACCURACY = "start (GD converged)", "test accuracy %"
+README_RESULTS = [
+    ("ce", "mnist1d-large-batch", "Anti-PGD", "GD", ACCURACY),
+    ("ce", "mnist1d-large-batch", "Anti-PGD", "GD", "Tr H"),
+    ("ce", "mnist1d-large-batch", "Anti-PGD", "PGD", ACCURACY),
+    ("ce", "mnist1d-sharp-start", "Anti-PGD", START, ACCURACY),
+    ("mse", "mnist1d-sharp-start", "Anti-PGD", START, ACCURACY),
+    ("mse", "mnist1d-sharp-start", "Anti-PGD", START, "Tr H"),
+    ("ce", "mnist1d-sharp-start", "Anti-PGD", START, "Tr H"),
+    ("ce", "mnist1d-minibatch", "Anti-SGD", "SGD", ACCURACY),
+    ("mse", "mnist1d-minibatch", "Anti-SGD", "SGD", ACCURACY),
+]
+
+
+def test_the_readme_results_are_those_of_the_committed_runs():
+    results = _results()
+    readme = PAGES[0].read_text()
+    paragraph = " ".join(readme.split("\n## Results\n", 1)[1].split("\n## ")[0].split())
+    quoted = re.findall(
+        r"[+-]?[\d.]+ ± [\d.]+(?: points)?, \d+ of \d+ seeds", paragraph
+    )
+    runs = {name: results.load(name) for name in ("ce", "mse")}
+    expected = [
+        results.paired(runs[run].results[experiment], a, b, metric).text()
+        for run, experiment, a, b, metric in README_RESULTS
+    ]
+    assert quoted == expected
+    assert paragraph.count("±") == len(quoted)  # no number left unchecked
+    assert runs["ce"].info["date"][:10] in paragraph
+
+
+@pytest.mark.parametrize(
+    "metric, diff, status",
+    [
+        ("test accuracy %", [1.0, 1.0, 1.0, 1.0, -0.5], "held"),  # 4 of 5, mean > std
+        ("test accuracy %", [2.0, 2.0, 2.0, 0.0, 0.0], "few"),  # mean > std, 3 of 5
+        ("test accuracy %", [0.2, -0.1, 0.2, -0.2, 0.05], "spread"),
+        ("test accuracy %", [-1.0, -1.1, -0.9, -1.0, -1.2], "reversed"),
+        ("Tr H", [-1.0, -1.1, -0.9, -1.0, -1.2], "held"),  # lower is favoured
+        ("Tr H conv1", [-1.0, -1.1, -0.9, -1.0, -1.2], "held"),  # a layer's too
+        ("lambda_max", [1.0, 1.1, 0.9, 1.0, 1.2], "reversed"),
+    ],
+)
+def test_the_verdict_rule_of_the_reproducing_page(metric, diff, status):
+    paired = _results().Paired(metric, np.asarray(diff))
+    assert paired.status == status
