@@ -240,7 +240,13 @@ def _noise_lists(key, steps, scales, leaves, *, paths, distribution, cyclic):
     groups = {}
     for index, leaf in enumerate(leaves):
         dtype = draw_dtype(jnp.result_type(leaf))
-        group = (jnp.shape(leaf), dtype, None if stack else index)
+        shape = jnp.shape(leaf)
+        if stack and distribution == "gaussian":
+            # A normal draw counts the elements in row-major order: a leaf's
+            # draw is the flat draw of its size, reshaped. Leaves of one size
+            # (a 1x1 convolution from 64 to 256 channels and back) share it.
+            shape = (math.prod(shape),)
+        group = (shape, dtype, None if stack else index)
         groups.setdefault(group, []).append(index)
     noise = [[None] * num_leaves for _ in steps]
     for (shape, dtype, _), members in groups.items():
@@ -260,7 +266,7 @@ def _noise_lists(key, steps, scales, leaves, *, paths, distribution, cyclic):
             drawn = _every_row(draw, keys, scales)
         for s, row in enumerate(drawn):
             for index, value in zip(members, row, strict=True):
-                noise[s][index] = value
+                noise[s][index] = value.reshape(jnp.shape(leaves[index]))
     return [
         [
             value.astype(jnp.result_type(leaf))
