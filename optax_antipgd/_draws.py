@@ -11,9 +11,10 @@ is the counter-based one of ``jax.random`` written out elementwise
 (``_threefry``): each element is a pure function of its key and its flat
 index, so a draw is one elementwise fusion that XLA splits over the cores and
 over the devices (the counters carry the leaf's sharding; no collective).
-On one device, same-shaped leaves are drawn together, a row per leaf, by a
-loop over the rows (``_by_row``), so that the draw is compiled once per shape
-rather than once per leaf. Keys of other impls (rbg, unsafe_rbg) draw each
+On one device, leaves of one shape (for normal draws, of one size: a leaf's
+draw is the flat draw of its size, reshaped) are drawn together, a row per
+leaf, by a loop over the rows (``_by_row``), so that the draw is compiled once
+per group rather than once per leaf. Keys of other impls (rbg, unsafe_rbg) draw each
 leaf with ``jax.random``.
 """
 
@@ -224,9 +225,10 @@ def _spread_sharding(leaf: Any) -> Any:
 def _noise_lists(key, steps, scales, leaves, *, paths, distribution, cyclic):
     """``noise[s][i]``: ``scales[s] * z_{steps[s]}`` of float leaf ``i``.
 
-    Rows of one shape and draw dtype are drawn together (on one device; on
-    several, each leaf alone, with its sharding). With ``cyclic``, float leaf
-    ``step mod L`` alone draws at each step: a group draws one row per step,
+    Rows of one shape (Gaussian: one size) and draw dtype are drawn together
+    (on one device; on several, each leaf alone, with its sharding). With
+    ``cyclic``, float leaf ``step mod L`` alone draws at each step: a group
+    draws one row per step,
     the active member's (none when it has no active member), and each member
     keeps it where it is the active one.
     """
