@@ -228,9 +228,8 @@ def _noise_lists(key, steps, scales, leaves, *, paths, distribution, cyclic):
     Rows of one shape (Gaussian: one size) and draw dtype are drawn together
     (on one device; on several, each leaf alone, with its sharding). With
     ``cyclic``, float leaf ``step mod L`` alone draws at each step: a group
-    draws one row per step,
-    the active member's (none when it has no active member), and each member
-    keeps it where it is the active one.
+    draws one row per step, the active member's (none when it has no active
+    member), and each member keeps it where it is the active one.
     """
     impl = jax.random.key_impl(key)
     num_leaves = len(leaves)
