@@ -28,6 +28,7 @@ import optax_antipgd as ap
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
 import mnist1d_experiments as mnist1d  # noqa: E402
+import section4  # noqa: E402
 
 PROBES = 64
 LANCZOS_STEPS = 32  # the examples' default
@@ -86,14 +87,14 @@ def main() -> None:
 
     data = mnist1d.load()
     x, y = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
-    params = mnist1d._init_params_program(
+    params = mnist1d.TASK.init_params_program(
         jax.random.split(jax.random.key(0), NUM_SEEDS)
     )
     keys = jax.random.split(jax.random.key(1), NUM_SEEDS)
-    loss = mnist1d.LOSSES["ce"]
+    loss = section4.LOSSES["ce"]
 
     def objective(p):
-        return loss(mnist1d.logits_fn(p, x), y)
+        return loss(mnist1d.TASK.logits_fn(p, x), y)
 
     compiled, compile_s = {}, {}
     for name, fn in candidates(objective).items():

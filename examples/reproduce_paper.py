@@ -15,10 +15,13 @@ clean phase, so Anti-PGD returns to its noise-free iterate.
    ``Tr H`` by :func:`optax_antipgd.hessian_trace`, with ``optax.noisy_sgd``
    and ``optax.contrib.sam`` as extra rows.
 
-5. to 8. MNIST-1D with a small CNN (``mnist1d_experiments.py`` beside this
-   script): the paper's three deep-learning claims (large batch, a sharp
-   start, minibatch "Anti-SGD") and a sweep of the noise's correlation, with
-   noise levels chosen on a validation split.
+5. to 10. The paper's three deep-learning claims (large batch, a sharp
+   start, minibatch "Anti-SGD"), with noise levels chosen on a validation
+   split and SAM as a reference row (``section4.py`` beside this script), on
+   two real datasets: MNIST-1D with a 1-D CNN (``mnist1d_experiments.py``)
+   and MNIST digits with a 2-D CNN (``mnist_experiments.py``). A sweep of the
+   noise's correlation (``mnist1d-correlation``, ``mnist-correlation``) runs
+   when asked for.
 
 Prints a markdown table per experiment and writes them (``results.md``; the
 numbers in ``results.json``; how, where and when in ``run.json``), with PNG
@@ -29,7 +32,7 @@ the validation split), for a re-run on seeds nobody chose settings on.
 
     python examples/reproduce_paper.py [--quick] [--out results/]
         [--experiments valley,digits,mnist1d-minibatch,...] [--seed N]
-        [--mnist1d-loss ce|mse]
+        [--loss ce|mse]
 """
 
 import argparse
@@ -51,8 +54,10 @@ import jax
 import jax.numpy as jnp
 import matplotlib
 import mnist1d_experiments
+import mnist_experiments
 import numpy as np
 import optax
+import section4
 from flax import nnx
 from sklearn.datasets import load_digits
 from tqdm import tqdm
@@ -134,7 +139,7 @@ class Experiment:
         """``"Tr H <layer>"`` at the final params, with the probes of the final Tr H."""
         return jax.jit(
             jax.vmap(
-                lambda p: mnist1d_experiments.layer_traces(
+                lambda p: section4.layer_traces(
                     ap.hessian_block_traces(
                         self.loss, p, 7, num_samples=self.final_probes, batch_size=32
                     )
@@ -421,7 +426,7 @@ def markdown_table(experiment: Experiment, results: dict) -> str:
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
     ]
-    fmt = mnist1d_experiments.fmt
+    fmt = section4.fmt
     for name, logs in results.items():
         cells = [name]
         for metric in experiment.table:
@@ -432,7 +437,7 @@ def markdown_table(experiment: Experiment, results: dict) -> str:
     return "\n".join(rows)
 
 
-@mnist1d_experiments.one_figure_at_a_time
+@section4.one_figure_at_a_time
 def plot_curves(experiment: Experiment, results: dict, out: pathlib.Path) -> None:
     """The goal metric and Tr H over steps (the valley: Tr H and the trajectory)."""
     goal = experiment.table[0]
@@ -487,7 +492,7 @@ def hessian_spectra(
     }
 
 
-@mnist1d_experiments.one_figure_at_a_time
+@section4.one_figure_at_a_time
 def plot_spectrum(experiment: Experiment, spectra: dict, out: pathlib.Path) -> None:
     """The spectral densities of :func:`hessian_spectra`, smoothed."""
     fig = Figure(figsize=(6, 3.4))
@@ -516,7 +521,16 @@ TOY_EXPERIMENTS = {
     "matrix_sensing": matrix_sensing,
     "digits": digits,
 }
-EXPERIMENTS = (*TOY_EXPERIMENTS, *mnist1d_experiments.EXPERIMENTS)
+TASKS = {
+    name: (task.TASK, experiment)
+    for task in (mnist1d_experiments, mnist_experiments)
+    for name, experiment in task.EXPERIMENTS.items()
+}
+EXPERIMENTS = (*TOY_EXPERIMENTS, *TASKS)
+# The main job: every experiment but the correlation sweeps (run on request).
+DEFAULT_EXPERIMENTS = [
+    name for name in EXPERIMENTS if not name.endswith("-correlation")
+]
 
 
 def run_toy(name: str, args: argparse.Namespace) -> tuple[str, dict]:
@@ -548,22 +562,19 @@ def run_toy(name: str, args: argparse.Namespace) -> tuple[str, dict]:
         reported += list(next(iter(layers.values())))
         markdown += (
             "\n\nTr H by layer (block traces, with the probes of the final Tr H):"
-            f"\n\n{mnist1d_experiments.layer_table(layers)}"
+            f"\n\n{section4.layer_table(layers)}"
         )
     summary = {
-        method_name: mnist1d_experiments.summarize(
-            {m: logs[m][:, -1] for m in reported}
-        )
+        method_name: section4.summarize({m: logs[m][:, -1] for m in reported})
         for method_name, logs in results.items()
     }
     return f"{title}\n\n{markdown}", summary
 
 
-def run_mnist1d(name: str, args: argparse.Namespace) -> tuple[str, dict]:
+def run_task(name: str, args: argparse.Namespace) -> tuple[str, dict]:
     experiment_start = time.perf_counter()
-    outcome = mnist1d_experiments.EXPERIMENTS[name](
-        args.quick, args.seed, args.mnist1d_loss, args.out
-    )
+    task, experiment = TASKS[name]
+    outcome = experiment(section4.Run(task, args.quick, args.seed, args.loss, args.out))
     seconds = f"{time.perf_counter() - experiment_start:.0f} s"
     return f"{outcome.title[:-1]}, {seconds})\n\n{outcome.body}", outcome.summary
 
@@ -571,9 +582,7 @@ def run_mnist1d(name: str, args: argparse.Namespace) -> tuple[str, dict]:
 def run(name: str, args: argparse.Namespace) -> tuple[str, dict, float]:
     """The experiment's markdown, its summary and its wall time in seconds."""
     start = time.perf_counter()
-    markdown, summary = (run_toy if name in TOY_EXPERIMENTS else run_mnist1d)(
-        name, args
-    )
+    markdown, summary = (run_toy if name in TOY_EXPERIMENTS else run_task)(name, args)
     return markdown, summary, time.perf_counter() - start
 
 
@@ -609,23 +618,26 @@ def main() -> None:
     parser.add_argument(
         "--experiments",
         type=_experiment_names,
-        default=list(EXPERIMENTS),
+        default=DEFAULT_EXPERIMENTS,
         metavar="NAME[,NAME...]",
-        help="the experiments to run, in this order (default: all): "
-        + ", ".join(EXPERIMENTS),
+        help="the experiments to run, in this order (default: all but the "
+        "correlation sweeps): " + ", ".join(EXPERIMENTS),
     )
     parser.add_argument(
         "--seed",
         type=int,
         default=0,
         help="added to every seed (inits, noise, batch orders, toy data, the "
-        "MNIST-1D validation split)",
+        "validation splits of MNIST-1D and MNIST)",
     )
     parser.add_argument(
+        "--loss",
         "--mnist1d-loss",
-        choices=tuple(mnist1d_experiments.LOSSES),
+        dest="loss",
+        choices=tuple(section4.LOSSES),
         default="ce",
-        help="the MNIST-1D training loss: cross-entropy or MSE on one-hot targets",
+        help="the training loss of MNIST-1D and MNIST: cross-entropy or MSE on "
+        "one-hot targets (--mnist1d-loss: the same flag)",
     )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -684,7 +696,7 @@ def main() -> None:
         "python": platform.python_version(),
         "quick": args.quick,
         "seed": args.seed,
-        "mnist1d_loss": args.mnist1d_loss,
+        "loss": args.loss,
         "seconds": seconds,
         "total_seconds": round(total_seconds, 1),
     }

@@ -2,11 +2,13 @@
 
 The quick reproduction is also checked for the paper's orderings that hold at
 its reduced size: Anti-PGD ends flatter (valley) and generalizes better
-(sparse regression, matrix sensing) than GD, which beats PGD. Its MNIST-1D runs
-are a few steps long: only their shape and sanity are checked. The MNIST-1D
-validation split is checked directly, without training.
+(sparse regression, matrix sensing) than GD, which beats PGD. Its MNIST-1D and
+MNIST runs are a few steps long: only their shape and sanity are checked. The
+splits are checked directly, without training, and SAM's figures at equal
+gradient evaluations against a run of half the steps.
 """
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -35,32 +37,48 @@ def _run(script: str, *args: str) -> str:
     return completed.stdout
 
 
+# The main job, and one correlation sweep (the tasks share its code).
+EXPERIMENTS = (
+    "valley",
+    "sparse_regression",
+    "matrix_sensing",
+    "digits",
+    "mnist1d-large-batch",
+    "mnist1d-sharp-start",
+    "mnist1d-minibatch",
+    "mnist-large-batch",
+    "mnist-sharp-start",
+    "mnist-minibatch",
+    "mnist1d-correlation",
+)
+
+
 @pytest.fixture(scope="module")
 def quick_reproduction(tmp_path_factory):
     out = tmp_path_factory.mktemp("results")
-    stdout = _run("reproduce_paper.py", "--out", str(out))
+    stdout = _run(
+        "reproduce_paper.py", "--out", str(out), "--experiments", ",".join(EXPERIMENTS)
+    )
     return out, stdout, json.loads((out / "results.json").read_text())
 
 
-MNIST1D_METHODS = {
-    "mnist1d-large-batch": {"GD", "PGD", "Anti-PGD"},
-    "mnist1d-sharp-start": {"start (GD converged)", "GD", "PGD", "Anti-PGD"},
-    "mnist1d-minibatch": {"SGD", "SGD+independent", "Anti-SGD"},
+LARGE_BATCH = {"GD", "PGD", "Anti-PGD", "SAM", "SAM (equal gradients)"}
+SHARP_START = {"start (GD converged)", "GD", "PGD", "Anti-PGD"}
+MINIBATCH = {"SGD", "SGD+independent", "Anti-SGD", "SAM", "SAM (equal gradients)"}
+TASK_METHODS = {
+    f"{task}-{name}": methods
+    for task in ("mnist1d", "mnist")
+    for name, methods in (
+        ("large-batch", LARGE_BATCH),
+        ("sharp-start", SHARP_START),
+        ("minibatch", MINIBATCH),
+    )
 }
 
 
 def test_reproduction_writes_tables_and_figures(quick_reproduction):
     out, stdout, results = quick_reproduction
-    assert set(results) == {
-        "valley",
-        "sparse_regression",
-        "matrix_sensing",
-        "digits",
-        "mnist1d-large-batch",
-        "mnist1d-sharp-start",
-        "mnist1d-minibatch",
-        "mnist1d-correlation",
-    }
+    assert set(results) == set(EXPERIMENTS)
     for name in results:
         assert f"## {name}" in stdout
         assert (out / f"{name}.png").stat().st_size > 0
@@ -85,27 +103,49 @@ def test_reproduction_reports_spread_and_seeds(quick_reproduction):
     assert digits["lambda_max"] > 0
 
 
-@pytest.mark.parametrize("experiment", sorted(MNIST1D_METHODS))
-def test_mnist1d_reports_every_method_sanely(quick_reproduction, experiment):
+@pytest.mark.parametrize("experiment", sorted(TASK_METHODS))
+def test_tasks_report_every_method_sanely(quick_reproduction, experiment):
     results = quick_reproduction[2][experiment]
-    assert set(results) == MNIST1D_METHODS[experiment]
+    assert set(results) == TASK_METHODS[experiment]
     for name, metrics in results.items():
         for split in ("test", "val"):
             assert 0 <= metrics[f"{split} accuracy %"] <= 100, (name, metrics)
+        if name.endswith("(equal gradients)"):
+            continue  # accuracies and the training loss only
         for metric in ("train loss", "Tr H", "Tr H s.e.", "logits RMS"):
             assert math.isfinite(metrics[metric]), (name, metric)
         assert metrics["Tr H s.e."] >= 0
         assert math.isfinite(metrics["lambda_max"])
-        if "sigma" in metrics:  # a trained method: sigma chosen from its grid
-            chosen = metrics[f"val accuracy % (sigma={metrics['sigma']:g})"]
+        grid_name = "rho" if name == "SAM" else "sigma"
+        if grid_name in metrics:  # a trained method: chosen from its grid
+            chosen = metrics[f"val accuracy % ({grid_name}={metrics[grid_name]:g})"]
             assert chosen == pytest.approx(metrics["val accuracy %"])
             grid = [v for k, v in metrics.items() if k.startswith("val accuracy % (")]
             assert chosen == max(grid)  # selected on validation accuracy
 
 
+@pytest.mark.parametrize(
+    "experiment", sorted(e for e, methods in TASK_METHODS.items() if "SAM" in methods)
+)
+def test_sam_spends_two_gradients_per_step(quick_reproduction, experiment):
+    results = quick_reproduction[2][experiment]
+    baseline = results["GD" if "GD" in results else "SGD"]["gradient evaluations"]
+    assert results["SAM"]["gradient evaluations"] == 2 * baseline
+    assert "SAM (equal gradients)" in quick_reproduction[1]
+
+
 LAYERS = {
     "digits": ("hidden", "out"),
-    **dict.fromkeys(MNIST1D_METHODS, ("conv1", "conv2", "conv3", "head")),
+    **{
+        name: ("conv1", "conv2", "conv3", "head")
+        for name in TASK_METHODS
+        if name.startswith("mnist1d-")
+    },
+    **{
+        name: ("conv1", "conv2", "hidden", "head")
+        for name in TASK_METHODS
+        if name.startswith("mnist-")
+    },
 }
 
 
@@ -116,6 +156,8 @@ def test_layer_traces_are_reported_and_sum_to_the_trace_per_seed(
     # The block traces use the probes of Tr H: per seed, the layers' traces
     # add up to it (to float32 rounding of a sum of 2 to 4 terms).
     for method, metrics in quick_reproduction[2][experiment].items():
+        if method.endswith("(equal gradients)"):
+            continue  # no Hessian at the halfway point
         layers = [
             np.asarray(metrics[f"Tr H {layer} per seed"])
             for layer in LAYERS[experiment]
@@ -167,40 +209,69 @@ def _import_example(name: str):
 
 
 @pytest.fixture(scope="module")
-def mnist1d_experiments():
-    return _import_example("mnist1d_experiments")
+def examples():
+    """The task modules of examples/ (and their protocol, ``section4``)."""
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        return {
+            name: _import_example(name)
+            for name in ("section4", "mnist1d_experiments", "mnist_experiments")
+        }
+    finally:
+        sys.path.remove(str(EXAMPLES))
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_validation_split_partitions_the_training_signals(mnist1d_experiments, seed):
-    train, val = mnist1d_experiments.split_train_validation(4000, 1000, seed)
+def test_validation_split_partitions_the_training_signals(examples, seed):
+    split = examples["section4"].split_train_validation
+    train, val = split(4000, 1000, seed)
     assert len(train) == 3000 and len(val) == 1000
     assert np.intersect1d(train, val).size == 0
     np.testing.assert_array_equal(np.union1d(train, val), np.arange(4000))
-    again = mnist1d_experiments.split_train_validation(4000, 1000, seed)
+    again = split(4000, 1000, seed)
     np.testing.assert_array_equal(again[1], val)  # deterministic
 
 
-def test_validation_split_differs_between_seeds(mnist1d_experiments):
-    split = mnist1d_experiments.split_train_validation
+def test_validation_split_differs_between_seeds(examples):
+    split = examples["section4"].split_train_validation
     assert not np.array_equal(split(4000, 1000, 0)[1], split(4000, 1000, 1)[1])
+
+
+def test_mnist_split_is_stratified_disjoint_and_fixed(examples):
+    split = examples["mnist_experiments"].stratified_split
+    labels = np.repeat(np.arange(10), 500)
+    np.random.default_rng(3).shuffle(labels)
+    parts = {seed: split(labels, 100, 100, seed) for seed in (0, 1)}
+    for train, val, test in parts.values():
+        for part, per_class in ((train, 300), (val, 100), (test, 100)):
+            np.testing.assert_array_equal(np.bincount(labels[part]), [per_class] * 10)
+        every = np.concatenate([train, val, test])
+        np.testing.assert_array_equal(np.sort(every), np.arange(5000))
+    # The test digits do not move with the seed; the validation ones do.
+    np.testing.assert_array_equal(parts[0][2], parts[1][2])
+    assert not np.array_equal(parts[0][1], parts[1][1])
+    np.testing.assert_array_equal(split(labels, 100, 100, 1)[1], parts[1][1])
+    with pytest.raises(ValueError, match="class 0 has 500 examples"):
+        split(labels, 250, 250, 0)
 
 
 def _rows(x: np.ndarray) -> set[bytes]:
     return {row.tobytes() for row in np.ascontiguousarray(x)}
 
 
-def test_validation_is_disjoint_from_test_and_from_the_signals_steps_use(
-    mnist1d_experiments,
+@pytest.mark.parametrize("task", ["mnist1d_experiments", "mnist_experiments"])
+def test_validation_is_disjoint_from_test_and_from_the_examples_steps_use(
+    examples, task
 ):
-    data = mnist1d_experiments.load()
+    data = examples[task].load()
     train, val, test = _rows(data.x_train), _rows(data.x_val), _rows(data.x_test)
-    assert len(val) == len(data.x_val) == 1000  # no duplicate signals to hide behind
+    assert (len(data.x_train), len(data.x_val), len(data.x_test)) == (3000, 1000, 1000)
+    assert len(val) == len(data.x_val)  # no duplicates to hide behind
     assert not val & test
     assert not val & train
     # What the steps see: every batch the training loop draws, large and small.
     for batch_size, steps in ((1000, 9), (64, 200)):
-        batches = mnist1d_experiments.batch_indices(
+        batches = examples["section4"].batch_indices(
             0, len(data.y_train), batch_size, steps
         )
         assert batches.shape == (steps, batch_size)
@@ -208,10 +279,30 @@ def test_validation_is_disjoint_from_test_and_from_the_signals_steps_use(
         seen = _rows(data.x_train[batches.ravel()])
         assert not seen & val
         assert not seen & test
-        # An epoch is a permutation: no signal twice before every one is seen.
+        # An epoch is a permutation: no example twice before every one is seen.
         per_epoch = len(data.y_train) // batch_size
         epoch = batches[:per_epoch].ravel()
         assert len(np.unique(epoch)) == epoch.size
+
+
+def test_sam_halfway_is_a_run_of_half_the_steps(examples):
+    # What the "equal gradients" rows rest on: a SAM run's state at half its
+    # steps is the end of a run of half the steps, exactly (same seeds, batches).
+    section4 = examples["section4"]
+    task = examples["mnist1d_experiments"].TASK
+    data, seeds = task.load(0), [2022, 2023]
+    sam = section4.Method("SAM", "sam", (0.05, 0.2))
+    full = section4.Setting(
+        64, 0.05, noisy_steps=8, clean_steps=0, chunk=4, num_seeds=2
+    )
+    half = dataclasses.replace(full, noisy_steps=4)
+    long = section4.train_grid(task, sam, full, data, seeds, "ce")
+    short = section4.train_grid(task, sam, half, data, seeds, "ce")
+    halfway = section4.equal_gradients(long, full)
+    for metric in ("test accuracy %", "val accuracy %", "train loss"):
+        np.testing.assert_array_equal(halfway[metric], short.final[metric][long.chosen])
+    # And the run did move in its second half.
+    assert np.all(long.final["train loss"] != long.curves["train loss"][..., 1])
 
 
 def test_flax_nnx_example_runs():
