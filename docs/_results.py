@@ -18,7 +18,8 @@ import numpy as np
 RESULTS = pathlib.Path(__file__).parent / "results"
 # Metrics where the lower value is favoured; for the others, the higher.
 LOWER_IS_BETTER = ("Tr H", "lambda_max", "test error", "relative test error")
-MNIST1D_COLUMNS = ("test accuracy %", "train loss", "Tr H", "lambda_max", "logits RMS")
+TASK_COLUMNS = ("test accuracy %", "train loss", "Tr H", "lambda_max", "logits RMS")
+HALF = " (equal gradients)"  # SAM at half its steps: accuracies and loss only
 CHANCE = 20.0  # test accuracy % below which a run is near chance (10 classes)
 
 
@@ -63,8 +64,9 @@ def table(header, rows) -> str:
 
 
 def metrics(row: dict) -> list[str]:
-    """A results.json row's metrics, in order: no std, seeds, sigma grid or layers."""
-    skip = r" std$| per seed$|^sigma$|\(sigma=|^Tr H ."  # "Tr H <layer>": by layer
+    """A results.json row's metrics, in order: no std, seeds, grid or layers."""
+    skip = r" std$| per seed$|^(sigma|rho)$|\((sigma|rho)=|^Tr H ."  # "Tr H <layer>"
+    skip += r"|^gradient evaluations$"
     return [k for k in row if not re.search(skip, k)]
 
 
@@ -77,14 +79,41 @@ def toy_table(experiment: dict, reference: dict) -> str:
     return table(["method", *names, "reference"], rows)
 
 
-def mnist1d_rows(experiment: dict, suffix: str = "") -> list[list[str]]:
+def chosen(row: dict) -> str:
+    """The grid point a method chose on validation: "0.03", "rho 0.05" or "-"."""
+    if row.get("rho"):
+        return f"rho {fmt(row['rho'])}"
+    return fmt(row["sigma"]) if row.get("sigma") else "-"
+
+
+def task_rows(experiment: dict, suffix: str = "") -> list[list[str]]:
     rows = []
     for method, row in experiment.items():
-        cells = [mean_std(row, m) for m in MNIST1D_COLUMNS]
+        if method.endswith(HALF):
+            continue  # in budget_rows
+        cells = [mean_std(row, m) for m in TASK_COLUMNS]
         cells[2] += f" ({fmt(row['Tr H s.e.'])})"
-        sigma = fmt(row["sigma"]) if row.get("sigma") else "-"
-        rows.append([method + suffix, sigma, *cells])
+        rows.append([method + suffix, chosen(row), *cells])
     return rows
+
+
+def budget_rows(experiment: dict, suffix: str = "") -> list[list[str]]:
+    """Each method's gradient evaluations and test accuracy, SAM's halfway too."""
+    rows = []
+    for method, row in experiment.items():
+        if method.endswith(HALF):
+            evaluations = experiment[method.removesuffix(HALF)]["gradient evaluations"]
+            evaluations //= 2
+        elif "gradient evaluations" in row:
+            evaluations = row["gradient evaluations"]
+        else:
+            continue  # the sharp start's starting point
+        accuracy = mean_std(row, "test accuracy %")
+        rows.append([method + suffix, f"{evaluations:,}", accuracy])
+    return rows
+
+
+BUDGET_HEADER = ("method", "gradient evaluations per run", "test accuracy %")
 
 
 def layers(row: dict) -> list[str]:
@@ -97,6 +126,8 @@ def layer_rows(experiment: dict, suffix: str = "") -> list[list[str]]:
     """Per method, each layer's ``Tr H`` (mean ± std) and its share of the whole."""
     rows = []
     for method, row in experiment.items():
+        if method.endswith(HALF):
+            continue  # no Hessian at the halfway point
         total = sum(row[f"Tr H {layer}"] for layer in layers(row))
         rows.append(
             [method + suffix]
@@ -120,19 +151,19 @@ def layer_comparison(experiment: dict, a: str, b: str) -> str:
     return f"{short(a)}'s `Tr H` against {short(b)}'s, by layer: " + ", ".join(parts)
 
 
-MNIST1D_HEADER = ("method", "sigma", *MNIST1D_COLUMNS[:2], "Tr H (s.e.)")
-MNIST1D_HEADER += MNIST1D_COLUMNS[3:]
+TASK_HEADER = ("method", "sigma (SAM: rho)", *TASK_COLUMNS[:2], "Tr H (s.e.)")
+TASK_HEADER += TASK_COLUMNS[3:]
 
 
 def sigma_grid(row: dict) -> str:
-    """Mean test accuracy at every sigma: "91.6% at sigma 0.01, 8.9% at 0.1 ..."."""
+    """Mean test accuracy at every grid point: "91.6% at sigma 0.01, 8.9% at 0.1"."""
     cells = []
     for key, value in row.items():
-        sigma = re.fullmatch(r"test accuracy % \(sigma=(.*)\)", key)
-        if sigma:
+        point = re.fullmatch(r"test accuracy % \((sigma|rho)=(.*)\)", key)
+        if point:
             chance = " (near chance)" if not value >= CHANCE else ""
-            at = "at sigma" if not cells else "at"
-            cells.append(f"{fmt(value)}% {at} {sigma[1]}{chance}")
+            at = f"at {point[1]}" if not cells else "at"
+            cells.append(f"{fmt(value)}% {at} {point[2]}{chance}")
     return ", ".join(cells)
 
 
@@ -206,14 +237,18 @@ def short(method: str) -> str:
 
 
 def paired_rows(experiment: dict, comparisons, suffix: str = "") -> list[list[str]]:
-    return [
-        [f"{short(a)} - {short(b)}{suffix}"]
-        + [
+    """``a - b`` per metric; "-" where b has no such metric (SAM halfway)."""
+    rows = []
+    for a, b in comparisons:
+        label = f"{short(a)} - {b if b.endswith(HALF) else short(b)}{suffix}"
+        cells = [
             paired(experiment, a, b, m).cell()
+            if f"{m} per seed" in experiment[b]
+            else "-"
             for m in ("test accuracy %", "Tr H", "lambda_max")
         ]
-        for a, b in comparisons
-    ]
+        rows.append([label, *cells])
+    return rows
 
 
 PAIRED_HEADER = ("a - b, paired by seed", "test accuracy %", "Tr H", "lambda_max")
