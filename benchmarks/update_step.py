@@ -282,10 +282,13 @@ def machine() -> str:
         cpu = models[0] if models else cpu
     except OSError:
         pass
+    cores = f"{os.cpu_count()} cores"
+    if hasattr(os, "sched_getaffinity"):
+        cores += f" ({len(os.sched_getaffinity(0))} usable)"
     device = jax.devices()[0]
     kind = getattr(device, "device_kind", device.platform)
     return (
-        f"{platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} cores; "
+        f"{platform.system()} {platform.machine()}, {cpu}, {cores}; "
         f"jax backend {jax.default_backend()} ({kind}, {jax.device_count()} device(s))"
     )
 
