@@ -94,25 +94,7 @@ def settings(quick: bool, loss_name: str = "ce") -> section4.Settings:
     (cross-entropy: after about 150 steps at batch 1000, 1500 at batch 64).
     """
     if quick:
-        # One batch size everywhere, so the three regimes share their compiled
-        # programs; one point per grid, two seeds, a few steps.
-        tiny = section4.Setting(
-            64, 0.05, noisy_steps=6, clean_steps=2, chunk=4, num_seeds=2
-        )
-        return section4.Settings(
-            large_batch=tiny,
-            sharp_start=tiny,
-            minibatch=tiny,
-            sigmas=(0.01,),
-            rhos=(0.05,),
-            # One point per sweep: the correlation sweep reuses Anti-SGD's program.
-            correlations=(0.5,),
-            hursts=(0.25,),
-            trace_probes=4,
-            lanczos_steps=4,
-            hessian_examples=64,
-            num_taps=2,
-        )
+        return section4.QUICK
     if loss_name == "ce":
         large_batch = section4.Setting(
             1000, 0.4, noisy_steps=300, clean_steps=100, chunk=50, num_seeds=5

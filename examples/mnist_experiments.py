@@ -113,22 +113,7 @@ def settings(quick: bool, loss_name: str = "ce") -> section4.Settings:
     steps at batch 64 (25 epochs).
     """
     if quick:
-        tiny = section4.Setting(
-            64, 0.05, noisy_steps=6, clean_steps=2, chunk=4, num_seeds=2
-        )
-        return section4.Settings(
-            large_batch=tiny,
-            sharp_start=tiny,
-            minibatch=tiny,
-            sigmas=(0.01,),
-            rhos=(0.05,),
-            correlations=(0.5,),
-            hursts=(0.25,),
-            trace_probes=4,
-            lanczos_steps=4,
-            hessian_examples=64,
-            num_taps=2,
-        )
+        return section4.QUICK
     learning_rate = {"ce": (0.4, 0.05), "mse": (0.2, 0.1)}[loss_name]
     return section4.Settings(
         large_batch=section4.Setting(

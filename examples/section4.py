@@ -299,6 +299,25 @@ class Settings:
     num_taps: int  # of the fractional noise's filter
 
 
+# A smoke run's sizes, for every task: one batch size everywhere, so the three
+# regimes share their compiled programs; one point per grid (the correlation
+# sweep reuses Anti-SGD's program), two seeds, a few steps. Numbers meaningless.
+_TINY = Setting(64, 0.05, noisy_steps=6, clean_steps=2, chunk=4, num_seeds=2)
+QUICK = Settings(
+    large_batch=_TINY,
+    sharp_start=_TINY,
+    minibatch=_TINY,
+    sigmas=(0.01,),
+    rhos=(0.05,),
+    correlations=(0.5,),
+    hursts=(0.25,),
+    trace_probes=4,
+    lanczos_steps=4,
+    hessian_examples=64,
+    num_taps=2,
+)
+
+
 # Optimizers -------------------------------------------------------------------
 
 
