@@ -280,6 +280,11 @@ class Method:
         return "rho" if self.family == "sam" else "sigma"
 
     @property
+    def hyper_name(self) -> str:
+        """The hyperparameter its grid sets: ``rho`` or ``noise_std``."""
+        return "rho" if self.family == "sam" else "noise_std"
+
+    @property
     def gradients_per_step(self) -> int:
         return 2 if self.family == "sam" else 1
 
@@ -589,8 +594,7 @@ def train_grid(
     SAM's ``rho``, over ``method.values``).
     """
     if grid is None:
-        hyper_name = "rho" if method.family == "sam" else "noise_std"
-        grid = {hyper_name: np.asarray(method.values, np.float32)}
+        grid = {method.hyper_name: np.asarray(method.values, np.float32)}
         points = tuple(f"{method.grid_name}={v:g}" for v in method.values)
     if method.family == "anticorrelated" and "correlation" not in grid:
         # Traced like the sweep's, so the sweep may reuse the program.
