@@ -797,16 +797,21 @@ class Run:
         )
 
 
-# GD's final params per Run.cache_key: the sharp start reuses them.
-_GD_ENDS: dict[tuple, Any] = {}
+# GD's final params and their metrics per Run.cache_key: the sharp start's
+# starting point, measured once.
+_GD_ENDS: dict[tuple, tuple[Any, dict]] = {}
+
+
+def _gd_end(result: GridResult, metrics: dict) -> tuple[Any, dict]:
+    """GD's params ``[seed, ...]`` (its one grid point) and their metrics."""
+    return jax.tree.map(lambda leaf: leaf[0], result.params), metrics
 
 
 def _large_batch_results(run: Run) -> dict:
     setting = run.sizes.large_batch
     methods = run.methods(("GD", "PGD", "Anti-PGD"), sam=True)
     results = run.run_methods(f"{run.task.name}-large-batch", methods, setting)
-    gd = results["GD"][0]
-    _GD_ENDS[run.cache_key(setting)] = jax.tree.map(lambda leaf: leaf[0], gd.params)
+    _GD_ENDS[run.cache_key(setting)] = _gd_end(*results["GD"])
     return results
 
 
@@ -830,18 +835,8 @@ def sharp_start(run: Run) -> Outcome:
     if cache_key not in _GD_ENDS:
         gd = Method("GD", "noise-free", (0.0,))
         result = run.train(gd, sizes.large_batch, desc="sharp start: GD")
-        _GD_ENDS[cache_key] = jax.tree.map(lambda leaf: leaf[0], result.params)
-    start = _GD_ENDS[cache_key]
-    start_grid = jax.tree.map(lambda leaf: leaf[None], start)
-    evaluated = _evaluate_program(run.task, run.loss_name)(
-        start_grid, _arrays(run.data)
-    )
-    start_metrics = {
-        name: np.asarray(value[0]) for name, value in jax.device_get(evaluated).items()
-    }
-    start_metrics.update(
-        hessian_metrics(run.task, start, run.data, run.loss_name, sizes)
-    )
+        _GD_ENDS[cache_key] = _gd_end(result, run.diagnose(result))
+    start, start_metrics = _GD_ENDS[cache_key]
     experiment = f"{run.task.name}-sharp-start"
     methods = run.methods(("GD", "PGD", "Anti-PGD"), sam=False)
     results = run.run_methods(experiment, methods, sizes.sharp_start, start=start)
