@@ -222,7 +222,7 @@ def _spread_sharding(leaf: Any) -> Any:
     return None
 
 
-def _noise_lists(key, steps, scales, leaves, *, paths, distribution, cyclic):
+def _noise_lists(key, steps, scales, leaves, *, paths, distribution, cyclic, reused):
     """``noise[s][i]``: ``scales[s] * z_{steps[s]}`` of float leaf ``i``.
 
     Rows of one shape (Gaussian: one size) and draw dtype are drawn together
@@ -264,7 +264,7 @@ def _noise_lists(key, steps, scales, leaves, *, paths, distribution, cyclic):
             active = [jnp.mod(step, num_leaves) for step in steps]
             drawn = _active_rows(draw, keys, scales, active, members)
         else:
-            drawn = _every_row(draw, keys, scales)
+            drawn = _every_row(draw, keys, scales, reused)
         for s, row in enumerate(drawn):
             for index, value in zip(members, row, strict=True):
                 noise[s][index] = value.reshape(jnp.shape(leaves[index]))
@@ -283,25 +283,38 @@ def _zeros_like_draw(draw, keys, scales):
     return _varying(jnp.zeros(shape.shape, shape.dtype), keys, scales)
 
 
-def _every_row(draw, keys, scales):
+def _every_row(draw, keys, scales, reused):
     """``[step][member]``: every member's draw at every step, a fusion per step.
 
     A step whose scale is 0 draws nothing (a ``lax.cond``): a schedule that
-    has switched the noise off costs no draws. (One fusion over all the
-    steps, sliced per step, was slower on CPU: a ``store_noise=False``
-    Anti-PGD step of 10M float32 took 273 ms against 53 ms, 2 cores.)
+    has switched the noise off costs no draws. The result of a conditional
+    is computed once, into memory. That is what a ``reused`` draw needs (read
+    twice: by the update and as the stored noise): fused instead, XLA
+    recomputes it in each fusion that reads it, since it counts the hash's
+    integer rounds as cheap, and an Anti-PGD step hashed each element 3
+    times (a training step of a 1.9M-param MLP: 12.1 ms against 9.5 ms, 2
+    cores). A draw read once stays fused into its reader, so a concrete
+    scale keeps the conditional only when the draw is ``reused``. (One
+    fusion over all the steps, sliced per step, was slower on CPU: a
+    ``store_noise=False`` Anti-PGD step of 10M float32 took 273 ms against
+    53 ms, 2 cores.)
     """
     num_members = keys[0].shape[0]
 
     def one(step_keys, scale):
         step_scales = jnp.full((num_members,), scale)
         if not isinstance(scale, jax.core.Tracer):
-            # Outside a trace a cond would compile its branches at every call.
             if scale == 0:
                 return _zeros_like_draw(draw, step_keys, step_scales)
-            return draw(step_keys, scales=step_scales)
+            if not (reused and isinstance(step_keys, jax.core.Tracer)):
+                # Outside a trace a cond would compile its branches at every call.
+                return draw(step_keys, scales=step_scales)
+            # False, but as data, so that XLA keeps the conditional.
+            off = step_keys[0, 0] != step_keys[0, 0]
+        else:
+            off = scale == 0
         return jax.lax.cond(
-            scale == 0,
+            off,
             functools.partial(_zeros_like_draw, draw),
             lambda k, sc: draw(k, scales=sc),
             step_keys,
@@ -342,7 +355,11 @@ def _active_rows(draw, keys, scales, active, members):
 def _spread_draw(paths, distribution, cyclic, shardings, num_steps):
     """The draw compiled with the leaves' ``shardings``, once per tree and count."""
     draw = functools.partial(
-        _noise_lists, paths=list(paths), distribution=distribution, cyclic=cyclic
+        _noise_lists,
+        paths=list(paths),
+        distribution=distribution,
+        cyclic=cyclic,
+        reused=False,
     )
     return jax.jit(draw, out_shardings=[list(shardings)] * num_steps)
 
@@ -354,6 +371,7 @@ def tree_noise(
     scales: list[Any],
     distribution: str,
     cyclic: bool = False,
+    reused: bool = False,
 ) -> list[Any]:
     """``scales[s] * z_{steps[s]}`` at every float leaf of ``tree``, for each ``s``.
 
@@ -362,7 +380,9 @@ def tree_noise(
     float leaf ``step mod L`` (tree order) draws; the others are zero. Each
     noise leaf has the dtype and the sharding of its leaf: a concrete leaf
     spread over several devices is drawn in place, each device computing its
-    own block.
+    own block. ``reused`` says that each draw is read twice (by the update
+    and as the stored noise): it is then computed once, into memory, rather
+    than in each reader.
     """
     paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
     floats = [
@@ -385,7 +405,11 @@ def tree_noise(
             )
         else:
             draw = functools.partial(
-                _noise_lists, paths=paths, distribution=distribution, cyclic=cyclic
+                _noise_lists,
+                paths=paths,
+                distribution=distribution,
+                cyclic=cyclic,
+                reused=reused,
             )
         values = draw(key, steps, list(scales), leaves)
         for tree_values, step_values in zip(trees, values, strict=True):

@@ -230,9 +230,11 @@ def add_correlated_noise(
             f"unsafe_rbg) so that the noise can be regenerated; got impl {impl}."
         )
 
-    def draw(state, steps, tree, scales):
+    def draw(state, steps, tree, scales, reused=False):
         base_key = jax.random.wrap_key_data(state.key, impl=impl)
-        return _draws.tree_noise(base_key, steps, tree, scales, distribution, cyclic)
+        return _draws.tree_noise(
+            base_key, steps, tree, scales, distribution, cyclic, reused
+        )
 
     def init_fn(params):
         _trees.check_leaves(params)
@@ -260,7 +262,8 @@ def add_correlated_noise(
         positions = _trees.match(state.noise, state.digest, updates, "updates")
         sigma = std_at(state.count).astype(state.noise_std.dtype)
         if store_noise:
-            (new,) = draw(state, [state.count], updates, [sigma])
+            # The new draw is read twice: by the filter and as the stored noise.
+            (new,) = draw(state, [state.count], updates, [sigma], bool(num_past))
             past = state.noise
         else:
             steps = [state.count - lag for lag in range(num_past + 1)]
