@@ -140,53 +140,60 @@ def _bits(keys, impl, shape, word, sharding):
     return _random_bits(keys, impl, shape, word, sharding)
 
 
-def _by_row(fn, keys, scales, sharding):
-    """``fn(keys, scales)``, computed a row at a time when there are several rows.
+def _by_row(fn, keys, sharding):
+    """``fn(keys)``, computed a row at a time when there are several rows.
 
-    ``fn`` maps uint32[rows, key size] and the rows' scales to ``(rows, ...)``.
-    A loop over the rows compiles the draw once per shape: drawn all at once,
-    XLA fuses the tail of the normal transform into the consumer of each row,
-    and a tree of many same-shaped leaves compiled 2.5x slower. With a
-    sharding the rows are one leaf's steps, drawn at once in place.
+    ``fn`` maps uint32[rows, key size] to ``(rows, ...)``. A loop over the
+    rows compiles the draw once per shape: drawn all at once, XLA fuses the
+    tail of the normal transform into the consumer of each row, and a tree of
+    many same-shaped leaves compiled 2.5x slower. With a sharding the rows
+    are one leaf's steps, drawn at once in place.
     """
     if keys.shape[0] == 1 or sharding is not None:
-        return fn(keys, scales)
-    return jax.lax.map(lambda row: fn(row[0][None], row[1][None])[0], (keys, scales))
+        return fn(keys)
+    return jax.lax.map(lambda row: fn(row[None])[0], keys)
 
 
-def _rows(keys, impl, scales, shape, dtype, distribution, sharding):
-    """``scales[r] * z`` of each row's key: ``(rows, *shape)`` in ``dtype``.
+def _words_sharding(sharding, ndim):
+    """The sharding of a Rademacher draw's words: the last axis kept whole."""
+    if sharding is None:
+        return None
+    spec = (*sharding.spec, *(None,) * (ndim - len(sharding.spec)))
+    return NamedSharding(sharding.mesh, P(*spec[:-1], None))
 
-    ``dtype`` is the draw dtype (float32 or float64). The Rademacher bits are
-    drawn 32 to a word along the last axis, which the words keep whole, so
-    unpacking them needs no communication.
+
+def _random(keys, impl, shape, dtype, distribution, sharding):
+    """What each row's key draws before scaling: ``(rows, ...)``.
+
+    Gaussian: ``z`` in ``dtype`` (float32 or float64), ``(rows, *shape)``.
+    Rademacher: the packed sign bits, 32 to a word along the last axis, which
+    the words keep whole, so unpacking them needs no communication.
     """
-    scales = scales.astype(dtype).reshape((-1,) + (1,) * len(shape))
     if distribution == "gaussian":
         if math.prod(shape) == 0:
             return jnp.zeros((keys.shape[0], *shape), dtype)
         word = jnp.uint64 if dtype == jnp.float64 else jnp.uint32
-
-        def gaussian(k, sc):
-            return sc * normal_from_bits(_bits(k, impl, shape, word, sharding), dtype)
-
-        return _by_row(gaussian, keys, scales, sharding)
+        return _by_row(
+            lambda k: normal_from_bits(_bits(k, impl, shape, word, sharding), dtype),
+            keys,
+            sharding,
+        )
     words_shape = _words_shape(shape)
     if math.prod(words_shape) == 0:
-        return jnp.zeros((keys.shape[0], *shape), dtype)
-    words_sharding = sharding
-    if sharding is not None:
-        spec = (*sharding.spec, *(None,) * (len(shape) - len(sharding.spec)))
-        words_sharding = NamedSharding(sharding.mesh, P(*spec[:-1], None))
-    # The words alone in the loop: unpacking them fuses with their consumers.
-    words = _by_row(
-        lambda k, _: _bits(k, impl, words_shape, jnp.uint32, words_sharding),
-        keys,
-        scales,
-        sharding,
+        return jnp.zeros((keys.shape[0], *words_shape), jnp.uint32)
+    sharding_ = _words_sharding(sharding, len(shape))
+    return _by_row(
+        lambda k: _bits(k, impl, words_shape, jnp.uint32, sharding_), keys, sharding
     )
-    noise = scales * _signs(words, shape, dtype)
-    if words_sharding != sharding:
+
+
+def _scaled(random, scales, shape, dtype, distribution, sharding):
+    """``scales[r] * z`` of each row from what :func:`_random` drew, in ``dtype``."""
+    scales = scales.astype(dtype).reshape((-1,) + (1,) * len(shape))
+    if distribution == "gaussian":
+        return scales * random
+    noise = scales * _signs(random, shape, dtype)
+    if sharding is not None and _words_sharding(sharding, len(shape)) != sharding:
         noise = jax.reshard(noise, _row_sharding(sharding, len(shape)))
     return noise
 
@@ -222,7 +229,7 @@ def _spread_sharding(leaf: Any) -> Any:
     return None
 
 
-def _noise_lists(key, steps, scales, leaves, *, paths, distribution, cyclic, reused):
+def _noise_lists(key, steps, scales, leaves, *, paths, distribution, cyclic):
     """``noise[s][i]``: ``scales[s] * z_{steps[s]}`` of float leaf ``i``.
 
     Rows of one shape (Gaussian: one size) and draw dtype are drawn together
@@ -251,20 +258,20 @@ def _noise_lists(key, steps, scales, leaves, *, paths, distribution, cyclic, reu
         groups.setdefault(group, []).append(index)
     noise = [[None] * num_leaves for _ in steps]
     for (shape, dtype, _), members in groups.items():
-        draw = functools.partial(
-            _rows,
-            impl=impl,
+        options = dict(
             shape=shape,
             dtype=dtype,
             distribution=distribution,
             sharding=_traced_sharding(leaves[members[0]]),
         )
+        random = functools.partial(_random, impl=impl, **options)
+        scaled = functools.partial(_scaled, **options)
         keys = [k[jnp.asarray(members)] for k in leaf_keys]  # [step][member]
         if cyclic:
             active = [jnp.mod(step, num_leaves) for step in steps]
-            drawn = _active_rows(draw, keys, scales, active, members)
+            drawn = _active_rows(random, scaled, keys, scales, active, members)
         else:
-            drawn = _every_row(draw, keys, scales, reused)
+            drawn = _every_row(random, scaled, keys, scales)
         for s, row in enumerate(drawn):
             for index, value in zip(members, row, strict=True):
                 noise[s][index] = value.reshape(jnp.shape(leaves[index]))
@@ -277,55 +284,51 @@ def _noise_lists(key, steps, scales, leaves, *, paths, distribution, cyclic, reu
     ]
 
 
-def _zeros_like_draw(draw, keys, scales):
-    """What ``draw(keys, scales=scales)`` returns, all zero, without drawing."""
-    shape = jax.eval_shape(draw, keys, scales=scales)
-    return _varying(jnp.zeros(shape.shape, shape.dtype), keys, scales)
+def _zeros_like(fn, *args):
+    """What ``fn(*args)`` returns, all zero, without computing it."""
+    shape = jax.eval_shape(fn, *args)
+    return _varying(jnp.zeros(shape.shape, shape.dtype), *args)
 
 
-def _every_row(draw, keys, scales, reused):
+def _every_row(random, scaled, keys, scales):
     """``[step][member]``: every member's draw at every step, a fusion per step.
 
-    A step whose scale is 0 draws nothing (a ``lax.cond``): a schedule that
-    has switched the noise off costs no draws. The result of a conditional
-    is computed once, into memory. That is what a ``reused`` draw needs (read
-    twice: by the update and as the stored noise): fused instead, XLA
-    recomputes it in each fusion that reads it, since it counts the hash's
-    integer rounds as cheap, and an Anti-PGD step hashed each element 3
-    times (a training step of a 1.9M-param MLP: 12.1 ms against 9.5 ms, 2
-    cores). A draw read once stays fused into its reader, so a concrete
-    scale keeps the conditional only when the draw is ``reused``. (One
-    fusion over all the steps, sliced per step, was slower on CPU: a
-    ``store_noise=False`` Anti-PGD step of 10M float32 took 273 ms against
-    53 ms, 2 cores.)
+    The random part of a draw (``z``; Rademacher: the packed words) is the
+    result of a conditional that skips it when the step's scale is 0: a
+    schedule that has switched the noise off costs no draws. The result of
+    a conditional is computed once, into memory, and the scaling fuses into
+    what reads it. Fused into its readers instead, a draw is computed again
+    in each of them (XLA counts the hash's integer rounds as cheap: an
+    Anti-PGD step reads its new draw twice, as the update and as the stored
+    noise, and hashed each element 3 times; a training step of a 1.9M-param
+    MLP took 12.1 ms against 10.0 ms, 2 cores), and XLA reassociates the
+    scaling with the transform's last product, so the noise was not
+    ``scale * z`` to the last bit. (One fusion over all the steps, sliced per
+    step, was slower on CPU: a ``store_noise=False`` Anti-PGD step of 10M
+    float32 took 273 ms against 53 ms, 2 cores.)
     """
     num_members = keys[0].shape[0]
 
     def one(step_keys, scale):
         step_scales = jnp.full((num_members,), scale)
-        if not isinstance(scale, jax.core.Tracer):
-            if scale == 0:
-                return _zeros_like_draw(draw, step_keys, step_scales)
-            if not (reused and isinstance(step_keys, jax.core.Tracer)):
-                # Outside a trace a cond would compile its branches at every call.
-                return draw(step_keys, scales=step_scales)
-            # False, but as data, so that XLA keeps the conditional.
-            off = step_keys[0, 0] != step_keys[0, 0]
-        else:
+        if isinstance(scale, jax.core.Tracer):
             off = scale == 0
-        return jax.lax.cond(
-            off,
-            functools.partial(_zeros_like_draw, draw),
-            lambda k, sc: draw(k, scales=sc),
-            step_keys,
-            step_scales,
-        )
+        elif scale == 0:
+            return _zeros_like(
+                lambda k, sc: scaled(random(k), sc), step_keys, step_scales
+            )
+        elif isinstance(step_keys, jax.core.Tracer):
+            off = step_keys[0, 0] != step_keys[0, 0]  # False, as data: kept by XLA
+        else:  # outside a trace a cond would compile its branches at every call
+            return scaled(random(step_keys), step_scales)
+        z = jax.lax.cond(off, functools.partial(_zeros_like, random), random, step_keys)
+        return scaled(z, step_scales)
 
     drawn = [one(k, sc) for k, sc in zip(keys, scales, strict=True)]
     return [[rows[m] for m in range(num_members)] for rows in drawn]
 
 
-def _active_rows(draw, keys, scales, active, members):
+def _active_rows(random, scaled, keys, scales, active, members):
     """``[step][member]`` with cyclic leaves: only the active member draws.
 
     One row per step, the active member's key (none when the group has no
@@ -337,14 +340,13 @@ def _active_rows(draw, keys, scales, active, members):
     row_scales = jnp.stack(
         [jnp.where(jnp.any(h), sc, 0) for h, sc in zip(hits, scales, strict=True)]
     )
-
-    drawn = jax.lax.cond(
+    z = jax.lax.cond(
         jnp.any(row_scales != 0),
-        lambda k, sc: draw(k, scales=sc),
-        functools.partial(_zeros_like_draw, draw),
+        random,
+        functools.partial(_zeros_like, random),
         row_keys,
-        row_scales,
     )
+    drawn = scaled(z, row_scales)
     return [
         [jnp.where(h[m], drawn[s], 0) for m in range(len(members))]
         for s, h in enumerate(hits)
@@ -359,7 +361,6 @@ def _spread_draw(paths, distribution, cyclic, shardings, num_steps):
         paths=list(paths),
         distribution=distribution,
         cyclic=cyclic,
-        reused=False,
     )
     return jax.jit(draw, out_shardings=[list(shardings)] * num_steps)
 
@@ -371,7 +372,6 @@ def tree_noise(
     scales: list[Any],
     distribution: str,
     cyclic: bool = False,
-    reused: bool = False,
 ) -> list[Any]:
     """``scales[s] * z_{steps[s]}`` at every float leaf of ``tree``, for each ``s``.
 
@@ -380,9 +380,7 @@ def tree_noise(
     float leaf ``step mod L`` (tree order) draws; the others are zero. Each
     noise leaf has the dtype and the sharding of its leaf: a concrete leaf
     spread over several devices is drawn in place, each device computing its
-    own block. ``reused`` says that each draw is read twice (by the update
-    and as the stored noise): it is then computed once, into memory, rather
-    than in each reader.
+    own block.
     """
     paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
     floats = [
@@ -409,7 +407,6 @@ def tree_noise(
                 paths=paths,
                 distribution=distribution,
                 cyclic=cyclic,
-                reused=reused,
             )
         values = draw(key, steps, list(scales), leaves)
         for tree_values, step_values in zip(trees, values, strict=True):
