@@ -230,11 +230,9 @@ def add_correlated_noise(
             f"unsafe_rbg) so that the noise can be regenerated; got impl {impl}."
         )
 
-    def draw(state, steps, tree, scales, reused=False):
+    def draw(state, steps, tree, scales):
         base_key = jax.random.wrap_key_data(state.key, impl=impl)
-        return _draws.tree_noise(
-            base_key, steps, tree, scales, distribution, cyclic, reused
-        )
+        return _draws.tree_noise(base_key, steps, tree, scales, distribution, cyclic)
 
     def init_fn(params):
         _trees.check_leaves(params)
@@ -259,11 +257,14 @@ def add_correlated_noise(
     def update_fn(updates, state, params=None):
         del params
         _check_law(state)
-        positions = _trees.match(state.noise, state.digest, updates, "updates")
+        positions, digest = list(range(len(_trees.entries(updates)[0]))), state.digest
+        if num_past:  # one tap has no past draw to match: any tree gets its noise
+            positions, digest = _trees.match(
+                state.noise, state.digest, updates, "updates", state.digest
+            )
         sigma = std_at(state.count).astype(state.noise_std.dtype)
         if store_noise:
-            # The new draw is read twice: by the filter and as the stored noise.
-            (new,) = draw(state, [state.count], updates, [sigma], bool(num_past))
+            (new,) = draw(state, [state.count], updates, [sigma])
             past = state.noise
         else:
             steps = [state.count - lag for lag in range(num_past + 1)]
@@ -277,7 +278,7 @@ def add_correlated_noise(
             state = state._replace(noise=(_stored(new, past[0], positions), *past[:-1]))
         noise_std = jnp.concatenate([sigma[None], state.noise_std[:-1]])
         return updates, state._replace(
-            count=optax.safe_increment(state.count), noise_std=noise_std
+            count=optax.safe_increment(state.count), noise_std=noise_std, digest=digest
         )
 
     return optax.GradientTransformation(init_fn, update_fn)
@@ -607,11 +608,11 @@ def _denoised(state: CorrelatedNoiseState, params: Any, masked: bool) -> Any:
             "denoised_params cannot tell which leaves optax.masked excluded from "
             "the noise of a store_noise=False state; use store_noise=True."
         )
-    if masked and not state.noise:
-        return params  # one tap inside optax.masked: nothing in flight
-    positions = _trees.match(state.noise, state.digest, params, "params", dtypes=True)
     if not num_past:
-        return params
+        return params  # one tap: nothing in flight, whatever the tree
+    positions, params = _trees.match(
+        state.noise, state.digest, params, "params", params, dtypes=True
+    )
     past = state.noise or _regenerated(state, params)
     in_flight = jnp.cumsum(state.coefficients)[:num_past]
     return _apply_filter(params, -in_flight, past, [positions] * num_past)

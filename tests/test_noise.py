@@ -453,13 +453,13 @@ def test_denoised_params_rejects_a_state_without_noise():
         ap.denoised_params(state, jnp.zeros(3))
 
 
-def test_pgd_has_no_noise_in_flight_but_checks_the_tree():
+def test_pgd_has_no_noise_in_flight_whatever_the_tree():
     params = {"w": jnp.arange(3.0)}
     opt = ap.pgd(0.1, 0.1, 0)
     (_, state) = run(opt, params, 2)
     chex.assert_trees_all_equal(ap.denoised_params(state, params), params)
-    with pytest.raises(ValueError, match="not the tree"):
-        ap.denoised_params(state, {"params": params})
+    other = {"params": params}
+    chex.assert_trees_all_equal(ap.denoised_params(state, other), other)
 
 
 def test_denoised_params_works_under_jit_and_vmap():
@@ -773,9 +773,9 @@ WRONG = "not the tree the noise state was built for"
 
 
 # One member per way of knowing the tree: stored draws (matched by path), and a
-# digest of paths and shapes (PGD, and the correlated family without stored
-# draws), checked at once eagerly and by a host callback when traced.
-TREE_CHECKS = ["anti", "pgd", "anti_regenerated"]
+# digest of paths and shapes (the correlated family without stored draws),
+# checked at once eagerly and by a host callback when traced.
+TREE_CHECKS = ["anti", "anti_regenerated"]
 
 
 def _checked(function, mode):
@@ -811,17 +811,55 @@ def test_update_and_denoised_params_refuse_a_tree_init_did_not_see(wrong, name, 
         jax.block_until_ready(denoised(wrong(params), state))
 
 
+@pytest.mark.parametrize("mode", ["eager", "jit", "vmap"])
+@pytest.mark.parametrize("wrong", WRONG_TREES.values(), ids=WRONG_TREES)
+def test_pgd_draws_the_laws_noise_for_any_tree(wrong, mode):
+    # One tap: no past draw to match or regenerate, and each leaf's noise is
+    # a function of its path, so another tree is not answered wrongly.
+    params = {"w": jnp.zeros((4, 3)), "b": jnp.zeros(3)}
+    transform = ap.add_independent_noise(0.5, 0)
+    if mode == "vmap":
+        state = jax.vmap(lambda key: ap.add_independent_noise(0.5, key).init(params))(
+            jnp.arange(3)
+        )
+    else:
+        state = transform.init(params)
+    update = _checked(lambda tree, s: transform.update(tree, s)[0], mode)
+    tree = wrong(params)
+    noise = update(tree, state)
+    keys = jnp.arange(3) if mode == "vmap" else [0]
+    for row, key in enumerate(keys):
+        expected = reference_noise(jax.random.key(key), 0, tree, jnp.float32(0.5))
+        actual = jax.tree.map(lambda x, r=row: x[r], noise) if mode == "vmap" else noise
+        assert_equal_up_to_rounding(actual, expected)
+
+
+def test_a_jitted_pgd_step_has_no_host_callback():
+    # A host callback takes jax's dispatch off its C++ path (a small CNN's
+    # training step took 0.81 ms against 0.47 ms).
+    params = {"w": jnp.zeros((4, 3)), "b": jnp.zeros(3)}
+    opt = ap.pgd(0.1, 0.5, 0)
+    text = jax.jit(opt.update).lower(params, opt.init(params)).as_text()
+    assert "callback" not in text
+    assert (
+        "callback"
+        in jax.jit(MEMBERS["anti_regenerated"].make().update)
+        .lower(params, MEMBERS["anti_regenerated"].make().init(params))
+        .as_text()
+    )
+
+
 @pytest.mark.parametrize("mode", ["jit", "vmap"])
-@pytest.mark.parametrize("name", ["pgd", "anti_regenerated"])
-def test_a_right_tree_costs_no_host_callback(name, mode, monkeypatch):
+def test_a_right_tree_costs_no_host_callback(mode, monkeypatch):
+    name = "anti_regenerated"
     # The digest check calls back to the host only when it fails: a round
     # trip per seed and step would cost more than a small model's update.
     calls = []
-    callback = jax.debug.callback
+    callback = jax.pure_callback
     monkeypatch.setattr(
-        jax.debug,
-        "callback",
-        lambda fn, *args: callback(lambda *a: (calls.append(1), fn(*a)), *args),
+        jax,
+        "pure_callback",
+        lambda fn, *args: callback(lambda *a: (calls.append(1), fn(*a))[1], *args),
     )
     params = {"w": jnp.zeros((4, 3)), "b": jnp.zeros(3)}
     transform = MEMBERS[name].make(0.5, 0)
