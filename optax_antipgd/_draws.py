@@ -4,7 +4,7 @@
 sign per element, from ``jax.random.bits``), bit for bit, with ``leaf_key``
 the leaf's stream at step ``m`` (:func:`optax_antipgd._keys.leaf_keys`). It is
 drawn in float32 (float64 for float64 leaves), scaled, then cast to the leaf's
-dtype.
+dtype: ``scale * z_m`` rounded once, in every program.
 
 There is one way the draw runs. For threefry keys (jax's default) the hash
 is the counter-based one of ``jax.random`` written out elementwise
@@ -13,9 +13,10 @@ index, so a draw is one elementwise fusion that XLA splits over the cores and
 over the devices (the counters carry the leaf's sharding; no collective).
 On one device, leaves of one shape (for normal draws, of one size: a leaf's
 draw is the flat draw of its size, reshaped) are drawn together, a row per
-leaf, by a loop over the rows (``_by_row``), so that the draw is compiled once
-per group rather than once per leaf. Keys of other impls (rbg, unsafe_rbg) draw each
-leaf with ``jax.random``.
+leaf, in one fusion. Under a trace that fusion is the result of a
+conditional (:func:`_every_row`), which skips it at scale 0 and computes it
+once, into memory; the scaling fuses into what reads it. Keys of other
+impls (rbg, unsafe_rbg) draw each leaf with ``jax.random``.
 """
 
 import functools
@@ -28,6 +29,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from optax_antipgd import _cond
 from optax_antipgd import _keys
 from optax_antipgd import _threefry
 from optax_antipgd import _trees
@@ -140,20 +142,6 @@ def _bits(keys, impl, shape, word, sharding):
     return _random_bits(keys, impl, shape, word, sharding)
 
 
-def _by_row(fn, keys, sharding):
-    """``fn(keys)``, computed a row at a time when there are several rows.
-
-    ``fn`` maps uint32[rows, key size] to ``(rows, ...)``. A loop over the
-    rows compiles the draw once per shape: drawn all at once, XLA fuses the
-    tail of the normal transform into the consumer of each row, and a tree of
-    many same-shaped leaves compiled 2.5x slower. With a sharding the rows
-    are one leaf's steps, drawn at once in place.
-    """
-    if keys.shape[0] == 1 or sharding is not None:
-        return fn(keys)
-    return jax.lax.map(lambda row: fn(row[None])[0], keys)
-
-
 def _words_sharding(sharding, ndim):
     """The sharding of a Rademacher draw's words: the last axis kept whole."""
     if sharding is None:
@@ -173,18 +161,12 @@ def _random(keys, impl, shape, dtype, distribution, sharding):
         if math.prod(shape) == 0:
             return jnp.zeros((keys.shape[0], *shape), dtype)
         word = jnp.uint64 if dtype == jnp.float64 else jnp.uint32
-        return _by_row(
-            lambda k: normal_from_bits(_bits(k, impl, shape, word, sharding), dtype),
-            keys,
-            sharding,
-        )
+        return normal_from_bits(_bits(keys, impl, shape, word, sharding), dtype)
     words_shape = _words_shape(shape)
     if math.prod(words_shape) == 0:
         return jnp.zeros((keys.shape[0], *words_shape), jnp.uint32)
-    sharding_ = _words_sharding(sharding, len(shape))
-    return _by_row(
-        lambda k: _bits(k, impl, words_shape, jnp.uint32, sharding_), keys, sharding
-    )
+    words_sharding = _words_sharding(sharding, len(shape))
+    return _bits(keys, impl, words_shape, jnp.uint32, words_sharding)
 
 
 def _scaled(random, scales, shape, dtype, distribution, sharding):
@@ -285,27 +267,35 @@ def _noise_lists(key, steps, scales, leaves, *, paths, distribution, cyclic):
 
 
 def _zeros_like(fn, *args):
-    """What ``fn(*args)`` returns, all zero, without computing it."""
-    shape = jax.eval_shape(fn, *args)
-    return _varying(jnp.zeros(shape.shape, shape.dtype), *args)
+    """What ``fn(*args)`` returns, all zero and sharded alike, not computed."""
+    out = jax.eval_shape(fn, *args)
+    sharding = out.sharding if isinstance(out.sharding, NamedSharding) else None
+    if sharding is not None and not any(sharding.spec):
+        sharding = None
+    zeros = jnp.zeros(out.shape, out.dtype, out_sharding=sharding)
+    return _varying(zeros, *args)
 
 
 def _every_row(random, scaled, keys, scales):
-    """``[step][member]``: every member's draw at every step, a fusion per step.
+    """``[step][member]``: every member's draw at every step.
 
-    The random part of a draw (``z``; Rademacher: the packed words) is the
-    result of a conditional that skips it when the step's scale is 0: a
-    schedule that has switched the noise off costs no draws. The result of
-    a conditional is computed once, into memory, and the scaling fuses into
-    what reads it. Fused into its readers instead, a draw is computed again
-    in each of them (XLA counts the hash's integer rounds as cheap: an
-    Anti-PGD step reads its new draw twice, as the update and as the stored
-    noise, and hashed each element 3 times; a training step of a 1.9M-param
-    MLP took 12.1 ms against 10.0 ms, 2 cores), and XLA reassociates the
-    scaling with the transform's last product, so the noise was not
-    ``scale * z`` to the last bit. (One fusion over all the steps, sliced per
-    step, was slower on CPU: a ``store_noise=False`` Anti-PGD step of 10M
-    float32 took 273 ms against 53 ms, 2 cores.)
+    The random part of a step's draw (``z``; Rademacher: the packed words),
+    for all the members at once, is the result of a conditional that skips
+    it when the scale is 0 (a schedule that has switched the noise off costs
+    no draws); the scaling fuses into what reads it. A conditional's result
+    is computed once, into memory. Fused into its readers instead, a draw is
+    computed again in each: an Anti-PGD step reads its new draw twice (the
+    update and the stored noise), XLA counts the hash's integer rounds as
+    cheap, and each element was hashed 3 times (a training step of a
+    1.9M-param MLP: 12.1 ms against 9.7 ms, 2 cores); XLA also reassociated
+    the scale into the normal transform's last product, so the noise was not
+    ``scale * z`` to the last bit. The conditional also means that the group
+    is one fusion, not a loop over its rows to keep XLA from fusing the
+    transform's tail into each row's reader (160 leaves of 250x250: 44 ms
+    against 59 ms a step, compiled in 2.5 s against 2.2 s). (One fusion over
+    all the steps, sliced per step, was slower on CPU: a
+    ``store_noise=False`` Anti-PGD step of 10M float32 took 273 ms against
+    53 ms, 2 cores.)
     """
     num_members = keys[0].shape[0]
 
@@ -321,7 +311,8 @@ def _every_row(random, scaled, keys, scales):
             off = step_keys[0, 0] != step_keys[0, 0]  # False, as data: kept by XLA
         else:  # outside a trace a cond would compile its branches at every call
             return scaled(random(step_keys), step_scales)
-        z = jax.lax.cond(off, functools.partial(_zeros_like, random), random, step_keys)
+        zeros = functools.partial(_zeros_like, random)
+        z = _cond.cond_all(off, zeros, random, step_keys)
         return scaled(z, step_scales)
 
     drawn = [one(k, sc) for k, sc in zip(keys, scales, strict=True)]
@@ -340,10 +331,10 @@ def _active_rows(random, scaled, keys, scales, active, members):
     row_scales = jnp.stack(
         [jnp.where(jnp.any(h), sc, 0) for h, sc in zip(hits, scales, strict=True)]
     )
-    z = jax.lax.cond(
-        jnp.any(row_scales != 0),
-        random,
+    z = _cond.cond_all(
+        jnp.all(row_scales == 0),
         functools.partial(_zeros_like, random),
+        random,
         row_keys,
     )
     drawn = scaled(z, row_scales)

@@ -257,11 +257,9 @@ def add_correlated_noise(
     def update_fn(updates, state, params=None):
         del params
         _check_law(state)
-        positions, digest = list(range(len(_trees.entries(updates)[0]))), state.digest
+        positions = list(range(len(_trees.entries(updates)[0])))
         if num_past:  # one tap has no past draw to match: any tree gets its noise
-            positions, digest = _trees.match(
-                state.noise, state.digest, updates, "updates", state.digest
-            )
+            positions = _trees.match(state.noise, state.digest, updates, "updates")
         sigma = std_at(state.count).astype(state.noise_std.dtype)
         if store_noise:
             (new,) = draw(state, [state.count], updates, [sigma])
@@ -278,7 +276,7 @@ def add_correlated_noise(
             state = state._replace(noise=(_stored(new, past[0], positions), *past[:-1]))
         noise_std = jnp.concatenate([sigma[None], state.noise_std[:-1]])
         return updates, state._replace(
-            count=optax.safe_increment(state.count), noise_std=noise_std, digest=digest
+            count=optax.safe_increment(state.count), noise_std=noise_std
         )
 
     return optax.GradientTransformation(init_fn, update_fn)
@@ -610,9 +608,7 @@ def _denoised(state: CorrelatedNoiseState, params: Any, masked: bool) -> Any:
         )
     if not num_past:
         return params  # one tap: nothing in flight, whatever the tree
-    positions, params = _trees.match(
-        state.noise, state.digest, params, "params", params, dtypes=True
-    )
+    positions = _trees.match(state.noise, state.digest, params, "params", dtypes=True)
     past = state.noise or _regenerated(state, params)
     in_flight = jnp.cumsum(state.coefficients)[:num_past]
     return _apply_filter(params, -in_flight, past, [positions] * num_past)

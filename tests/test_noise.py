@@ -855,11 +855,11 @@ def test_a_right_tree_costs_no_host_callback(mode, monkeypatch):
     # The digest check calls back to the host only when it fails: a round
     # trip per seed and step would cost more than a small model's update.
     calls = []
-    callback = jax.pure_callback
+    callback = jax.debug.callback
     monkeypatch.setattr(
-        jax,
-        "pure_callback",
-        lambda fn, *args: callback(lambda *a: (calls.append(1), fn(*a))[1], *args),
+        jax.debug,
+        "callback",
+        lambda fn, *args: callback(lambda *a: (calls.append(1), fn(*a)), *args),
     )
     params = {"w": jnp.zeros((4, 3)), "b": jnp.zeros(3)}
     transform = MEMBERS[name].make(0.5, 0)
