@@ -65,8 +65,9 @@ class CorrelatedNoiseState(NamedTuple):
     # int32 [4]: codes of the law, key impl, distribution and leaves: how to
     # redraw the noise (store_noise=False), and what a checkpoint holds.
     sampler: jax.Array
-    # uint32 [2]: digest of the paths and shapes of init's tree: with nothing
-    # stored, how update and denoised_params know they have that tree.
+    # uint32 [2]: digest of the paths and shapes of init's tree: with
+    # store_noise=False, how update and denoised_params know that the past
+    # draws they regenerate are that tree's (one tap has none: any tree).
     digest: jax.Array
 
 
@@ -182,7 +183,9 @@ def add_correlated_noise(
     tree each, in the params' dtypes. ``store_noise=False`` keeps none and
     regenerates them from the key (:math:`K` draws per step, a state of a few
     bytes); the updates are the same to rounding. Either way ``update`` and
-    :func:`denoised_params` refuse a tree other than the one ``init`` saw.
+    :func:`denoised_params` refuse a tree other than the one ``init`` saw,
+    whose past draws the state holds or regenerates; one tap (PGD) has none,
+    and draws for any tree.
 
     Args:
       noise_std: The standard deviation :math:`\sigma` of :math:`\xi`, a float
@@ -324,7 +327,9 @@ def add_independent_noise(
     with :math:`z_n` standard normal (or Rademacher), drawn afresh at every
     step, and :math:`n` the pre-increment update count. This is
     :func:`add_correlated_noise` with the one-tap filter :math:`(1,)`; its
-    state stores no noise.
+    state stores no noise. With no past draw to match, it draws for any
+    tree, each leaf's noise a function of its path (a tree other than the
+    one ``init`` saw gets the law's noise, not a refusal).
 
     Args:
       noise_std: The standard deviation :math:`\sigma` of the noise, a float
@@ -551,9 +556,10 @@ def denoised_params(opt_state: optax.OptState, params: optax.Params) -> optax.Pa
     ``optax.inject_hyperparams``, ...); if it contains several, the noise of
     each is removed. ``params`` must be the tree ``init`` saw (the same paths,
     shapes and, with stored noise, dtypes): anything else is refused, also
-    under ``jax.jit``. A ``store_noise=False`` state regenerates the noise
-    from the key; such a state records no mask, so inside ``optax.masked``
-    (or ``optax.partition``) it is refused.
+    under ``jax.jit`` (but by PGD, which has nothing to subtract). A
+    ``store_noise=False`` state regenerates the noise from the key; such a
+    state records no mask, so inside ``optax.masked`` (or
+    ``optax.partition``) it is refused.
 
     Args:
       opt_state: An optimizer state containing a
