@@ -287,13 +287,13 @@ def _every_row(random, scaled, keys, scales):
     computed again in each: an Anti-PGD step reads its new draw twice (the
     update and the stored noise), XLA counts the hash's integer rounds as
     cheap, and each element was hashed 3 times (a training step of a
-    1.9M-param MLP: 12.1 ms against 9.7 ms, 2 cores); XLA also reassociated
-    the scale into the normal transform's last product, so the noise was not
-    ``scale * z`` to the last bit. The conditional also means that the group
-    is one fusion, not a loop over its rows to keep XLA from fusing the
-    transform's tail into each row's reader (160 leaves of 250x250: 44 ms
-    against 59 ms a step, compiled in 2.5 s against 2.2 s). (One fusion over
-    all the steps, sliced per step, was slower on CPU: a
+    1.9M-param MLP: 12.1 ms against about 10 ms, 2 cores); XLA also
+    reassociated the scale into the normal transform's last product, so the
+    noise was not ``scale * z`` to the last bit. The conditional also means
+    that the group is one fusion, not a loop over its rows to keep XLA from
+    fusing the transform's tail into each row's reader (a PGD step of 160
+    leaves of 250x250: 44 ms against 59 ms, compiled in 2.5 s against 2.2
+    s). (One fusion over all the steps, sliced per step, was slower on CPU: a
     ``store_noise=False`` Anti-PGD step of 10M float32 took 273 ms against
     53 ms, 2 cores.)
     """
@@ -348,10 +348,7 @@ def _active_rows(random, scaled, keys, scales, active, members):
 def _spread_draw(paths, distribution, cyclic, shardings, num_steps):
     """The draw compiled with the leaves' ``shardings``, once per tree and count."""
     draw = functools.partial(
-        _noise_lists,
-        paths=list(paths),
-        distribution=distribution,
-        cyclic=cyclic,
+        _noise_lists, paths=list(paths), distribution=distribution, cyclic=cyclic
     )
     return jax.jit(draw, out_shardings=[list(shardings)] * num_steps)
 
@@ -394,10 +391,7 @@ def tree_noise(
             )
         else:
             draw = functools.partial(
-                _noise_lists,
-                paths=paths,
-                distribution=distribution,
-                cyclic=cyclic,
+                _noise_lists, paths=paths, distribution=distribution, cyclic=cyclic
             )
         values = draw(key, steps, list(scales), leaves)
         for tree_values, step_values in zip(trees, values, strict=True):
