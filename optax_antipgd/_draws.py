@@ -276,6 +276,16 @@ def _zeros_like(fn, *args):
     return _varying(zeros, *args)
 
 
+def _is_zero(scale):
+    """``scale == 0``, which XLA keeps: a conditional on it is not folded away.
+
+    A constant scale (or one XLA can compute from constants) would make the
+    predicate a constant, and XLA would drop the conditional and fuse the
+    draw into its readers after all; the barrier hides the value.
+    """
+    return jax.lax.optimization_barrier(jnp.asarray(scale)) == 0
+
+
 def _every_row(random, scaled, keys, scales):
     """``[step][member]``: every member's draw at every step.
 
@@ -301,18 +311,16 @@ def _every_row(random, scaled, keys, scales):
 
     def one(step_keys, scale):
         step_scales = jnp.full((num_members,), scale)
-        if isinstance(scale, jax.core.Tracer):
-            off = scale == 0
-        elif scale == 0:
+        traced = isinstance(scale, jax.core.Tracer)
+        if not traced and scale == 0:
             return _zeros_like(
                 lambda k, sc: scaled(random(k), sc), step_keys, step_scales
             )
-        elif isinstance(step_keys, jax.core.Tracer):
-            off = step_keys[0, 0] != step_keys[0, 0]  # False, as data: kept by XLA
-        else:  # outside a trace a cond would compile its branches at every call
+        if not (traced or isinstance(step_keys, jax.core.Tracer)):
+            # Outside a trace a cond would compile its branches at every call.
             return scaled(random(step_keys), step_scales)
         zeros = functools.partial(_zeros_like, random)
-        z = _cond.cond_all(off, zeros, random, step_keys)
+        z = _cond.cond_all(_is_zero(scale), zeros, random, step_keys)
         return scaled(z, step_scales)
 
     drawn = [one(k, sc) for k, sc in zip(keys, scales, strict=True)]
@@ -332,7 +340,7 @@ def _active_rows(random, scaled, keys, scales, active, members):
         [jnp.where(jnp.any(h), sc, 0) for h, sc in zip(hits, scales, strict=True)]
     )
     z = _cond.cond_all(
-        jnp.all(row_scales == 0),
+        jnp.all(_is_zero(row_scales)),
         functools.partial(_zeros_like, random),
         random,
         row_keys,

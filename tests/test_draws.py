@@ -119,6 +119,27 @@ def test_tree_noise_is_bit_identical_to_the_per_leaf_definition(
     )
 
 
+@pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
+@pytest.mark.parametrize("scale", [0.3, "traced"])
+def test_a_vmapped_draw_is_the_definition_bit_for_bit(distribution, scale):
+    # Vmapped over seeds, the draw must stay the result of one conditional
+    # (a select would fuse it into its readers, where XLA reassociates the
+    # scale); a concrete scale and a traced one take the two predicates.
+    tree, seeds = _tree(), jnp.arange(3)
+
+    def draw(seed, sigma):
+        sigma = jnp.float32(0.3) if scale != "traced" else sigma
+        key = jax.random.key(seed)
+        return _draws.tree_noise(key, [jnp.int32(5)], tree, [sigma], distribution)[0]
+
+    drawn = jax.jit(jax.vmap(draw))(seeds, jnp.full(3, 0.3, jnp.float32))
+    for row, seed in enumerate(seeds):
+        expected = reference_noise(
+            jax.random.key(seed), 5, tree, jnp.float32(0.3), distribution
+        )
+        _assert_bitwise_equal(jax.tree.map(lambda x, r=row: x[r], drawn), expected)
+
+
 def test_cyclic_noise_draws_one_leaf_per_step_in_tree_order():
     tree = {"a": jnp.zeros(3), "b": [jnp.zeros((2, 2))] * 2, "c": jnp.zeros(0)}
     num_floats = 4
