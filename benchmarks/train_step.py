@@ -59,14 +59,15 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 # The report's header is update_step.py's (beside this script; the --threads
 # children run it by path, without its folder on sys.path).
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from update_step import Timed  # noqa: E402
 from update_step import load  # noqa: E402
 from update_step import machine  # noqa: E402
+from update_step import num_params  # noqa: E402
 
 import optax_antipgd as ap
 
@@ -264,10 +265,6 @@ def models(quick: bool) -> dict[str, Callable[[], Model]]:
     }
 
 
-def num_params(tree: Any) -> int:
-    return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(tree))
-
-
 # --- Timing -------------------------------------------------------------------
 
 
@@ -286,7 +283,7 @@ def training_step(opt, loss_fn, needs_grad_fn):
     return step
 
 
-class Candidate:
+class Candidate(Timed):
     """One optimizer on one model: its compiled step and its live buffers."""
 
     def __init__(self, name, make_opt, model, params, batch):
@@ -318,18 +315,9 @@ class Candidate:
         )
         jax.block_until_ready((self.params, self.state, self.loss))
 
-    def timed_call(self):
-        start = time.perf_counter()
-        self.call()
-        self.times.append(time.perf_counter() - start)
-
     @property
     def compile_s(self):
         return statistics.median(self.compile_times)
-
-    @property
-    def step_s(self):
-        return statistics.median(self.times)
 
 
 def run_model(model, repeats, warmup, compile_repeats, only=None):

@@ -182,7 +182,20 @@ def tree_bytes(tree: Any) -> int:
     return sum(map(nbytes, jax.tree.leaves(tree)))
 
 
-class Candidate:
+class Timed:
+    """A step timed call by call: ``call`` runs it once, ``times`` holds the calls."""
+
+    def timed_call(self):
+        start = time.perf_counter()
+        self.call()
+        self.times.append(time.perf_counter() - start)
+
+    @property
+    def step_s(self):
+        return statistics.median(self.times)
+
+
+class Candidate(Timed):
     """One optimizer on one tree: its compiled step and its live buffers."""
 
     def __init__(self, name, make_opt, shapes, donate=True):
@@ -212,15 +225,6 @@ class Candidate:
     def call(self):
         self.params, self.state = self.compiled(self.params, self.state, self.grads)
         jax.block_until_ready((self.params, self.state))
-
-    def timed_call(self):
-        start = time.perf_counter()
-        self.call()
-        self.times.append(time.perf_counter() - start)
-
-    @property
-    def step_s(self):
-        return statistics.median(self.times)
 
 
 def run_tree(shapes, repeats, warmup, compile_repeats, only=None, donate=True):
