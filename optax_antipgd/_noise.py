@@ -260,9 +260,10 @@ def add_correlated_noise(
     def update_fn(updates, state, params=None):
         del params
         _check_law(state)
-        positions = list(range(len(_trees.entries(updates)[0])))
-        if num_past:  # one tap has no past draw to match: any tree gets its noise
+        if num_past:
             positions = _trees.match(state.noise, state.digest, updates, "updates")
+        else:  # one tap has no past draw to match: any tree gets its noise
+            positions = list(range(len(_trees.entries(updates)[0])))
         sigma = std_at(state.count).astype(state.noise_std.dtype)
         if store_noise:
             (new,) = draw(state, [state.count], updates, [sigma])
