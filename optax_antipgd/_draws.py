@@ -203,7 +203,7 @@ def _traced_sharding(leaf: Any) -> NamedSharding | None:
     return None
 
 
-def _spread_sharding(leaf: Any) -> Any:
+def spread_sharding(leaf: Any) -> Any:
     """The sharding of a concrete leaf spread over several devices, else None."""
     if isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer):
         if len(leaf.sharding.device_set) > 1:
@@ -389,7 +389,7 @@ def tree_noise(
     trees = [[None] * len(paths_leaves) for _ in steps]
     if leaves:
         steps = [jnp.asarray(step, jnp.int32) for step in steps]
-        shardings = tuple(_spread_sharding(leaf) for leaf in leaves)
+        shardings = tuple(spread_sharding(leaf) for leaf in leaves)
         if any(shardings):
             # Concrete params spread over devices (an eager init): compile the
             # draw with the leaves' shardings, so that each device draws only

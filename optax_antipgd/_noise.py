@@ -3,7 +3,8 @@
 Update ``n`` (the pre-increment count) adds ``sum_j c_j xi_{n-j}`` with
 ``xi_m = sigma(m) z_m`` (``_draws``, ``_keys``) and a filter ``c``
 (``_filters``): PGD is ``(1,)``, Anti-PGD ``(1, -1)``. The ``K - 1`` past
-draws are kept in the state (newest first) or regenerated from the key.
+draws are kept in the state, in a ring of ``K`` slots (slot ``m mod K``
+holds ``xi_m``), or regenerated from the key.
 :func:`denoised_params` subtracts the noise the filter still has in flight,
 with the same function that adds it (:func:`_apply_filter`).
 """
@@ -17,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from optax_antipgd import _draws
 from optax_antipgd import _filters
@@ -59,9 +62,12 @@ class CorrelatedNoiseState(NamedTuple):
     # in both modes, all zero means no noise is in flight, so a step with
     # sigma 0 can skip the noise entirely.
     noise_std: jax.Array
-    # K - 1 trees like the params, xi_{n-1} first (float leaves in the dtype
-    # init saw, None at the others); () with store_noise=False.
-    noise: tuple[optax.Updates, ...]
+    # The ring of draws: a tree like the params whose float leaves are
+    # [K, *shape] in the dtype init saw, slot m mod K holding xi_m (None at
+    # the other leaves): xi_{n-1}, ..., xi_{n-K+1} and a spare slot, which
+    # update n writes xi_n into before the filter reads the ring (_ring).
+    # () with store_noise=False or one tap.
+    noise: Any
     # int32 [4]: codes of the law, key impl, distribution and leaves: how to
     # redraw the noise (store_noise=False), and what a checkpoint holds.
     sampler: jax.Array
@@ -179,8 +185,10 @@ def add_correlated_noise(
     the noise it put in within :math:`K - 1` steps, and from then on a step
     does no work on the noise.
 
-    By default the state keeps the :math:`K - 1` past draws: one params-sized
-    tree each, in the params' dtypes. ``store_noise=False`` keeps none and
+    By default the state keeps the :math:`K - 1` past draws, in the params'
+    dtypes, in a ring of :math:`K` params-sized slots, slot :math:`m \bmod K`
+    holding :math:`\xi_m` (the spare slot takes the new draw, so XLA updates
+    the ring in place). ``store_noise=False`` keeps none and
     regenerates them from the key (:math:`K` draws per step, a state of a few
     bytes); the updates are the same to rounding. Either way ``update`` and
     :func:`denoised_params` refuse a tree other than the one ``init`` saw,
@@ -215,8 +223,8 @@ def add_correlated_noise(
       >>> params = jnp.zeros(4)
       >>> state = opt.init(params)
       >>> updates, state = opt.update(jnp.ones(4), state)
-      >>> len(state[1].noise)  # the K - 1 = 2 past draws
-      2
+      >>> state[1].noise.shape  # 3 slots, slot m mod 3 holding xi_m: xi_0, xi_-2, xi_-1
+      (3, 4)
     """
     std_at = _noise_std_fn(noise_std)
     coefficients = _filters.check_coefficients(coefficients)
@@ -254,30 +262,30 @@ def add_correlated_noise(
         if store_noise and num_past:
             steps = [-lag for lag in range(1, num_past + 1)]
             past = draw(state, steps, params, [std] * num_past)
-            state = state._replace(noise=tuple(past))
+            state = state._replace(noise=_ring(past, steps, num_past + 1))
         return state
 
     def update_fn(updates, state, params=None):
         del params
         _check_law(state)
         if num_past:
-            positions = _trees.match(state.noise, state.digest, updates, "updates")
+            positions = _trees.match(_slot(state), state.digest, updates, "updates")
         else:  # one tap has no past draw to match: any tree gets its noise
             positions = list(range(len(_trees.entries(updates)[0])))
         sigma = std_at(state.count).astype(state.noise_std.dtype)
-        if store_noise:
-            (new,) = draw(state, [state.count], updates, [sigma])
-            past = state.noise
-        else:
-            steps = [state.count - lag for lag in range(num_past + 1)]
-            scales = [sigma, *state.noise_std[:num_past]]
-            new, *past = draw(state, steps, updates, scales)
-        same = range(len(positions))
-        updates = _apply_filter(
-            updates, coefficients, [new, *past], [same, *[positions] * num_past]
-        )
+        count, same = state.count, list(range(len(positions)))
         if store_noise and num_past:
-            state = state._replace(noise=(_stored(new, past[0], positions), *past[:-1]))
+            (new,) = draw(state, [count], updates, [sigma])
+            ring = _written(state.noise, new, count % (num_past + 1), positions)
+            weights = _by_slot(coefficients, count, num_past + 1)
+            terms = _slots(ring, num_past + 1), [positions] * (num_past + 1)
+            state = state._replace(noise=ring)
+        else:  # one tap, or the past draws regenerated from the key
+            steps = [count - lag for lag in range(num_past + 1)]
+            scales = [sigma, *state.noise_std[:num_past]]
+            weights = coefficients
+            terms = draw(state, steps, updates, scales), [same, *[positions] * num_past]
+        updates = _apply_filter(updates, weights, *terms)
         noise_std = jnp.concatenate([sigma[None], state.noise_std[:-1]])
         return updates, state._replace(
             count=optax.safe_increment(state.count), noise_std=noise_std
@@ -286,14 +294,75 @@ def add_correlated_noise(
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _stored(new: Any, template: Any, positions: list[int]) -> Any:
-    """The new draw laid out as the stored noise: its dtypes, None where it has none."""
-    entries, treedef = _trees.entries(template)
+def _ring(draws: list[Any], steps: list[int], num_slots: int) -> Any:
+    """The stored ring of ``draws`` at ``steps``: slot ``m mod K`` holds ``xi_m``.
+
+    A tree like the draws whose float leaves are ``[K, *shape]`` (the slot no
+    draw fills is zero), None and ``MaskedNode`` where they are. ``K - 1``
+    draws are in flight; the spare slot is where update ``n`` writes ``xi_n``
+    before the filter reads the ring. XLA (on CPU) copies a ring that is read
+    before it is updated in place, and so a ring of ``K - 1`` slots (or
+    ``K - 1`` trees shifted by one): an 8-tap step on a ResNet-50-sized tree
+    took 353 ms that way against 134 ms with the spare slot, and Anti-PGD's
+    57 ms against 41 ms on 160 leaves of 250x250 (2-core Intel Xeon).
+    """
+    slot_of = {step % num_slots: i for i, step in enumerate(steps)}
+
+    def build(*leaves):
+        zeros = jnp.zeros_like(leaves[0])
+        return jnp.stack(
+            [leaves[slot_of[s]] if s in slot_of else zeros for s in range(num_slots)]
+        )
+
+    def stack(*leaves):
+        if not _trees.carries_noise(leaves[0]):
+            return leaves[0]
+        sharding = _draws.spread_sharding(leaves[0])
+        if isinstance(sharding, NamedSharding):  # eager, over devices: in place
+            ring_sharding = NamedSharding(sharding.mesh, P(None, *sharding.spec))
+            return jax.jit(build, out_shardings=ring_sharding)(*leaves)
+        return build(*leaves)
+
+    return jax.tree.map(stack, *draws, is_leaf=_trees.is_stub)
+
+
+def _slots(ring: Any, num_slots: int) -> list[Any]:
+    """The slots of a ring, each a tree like the draws."""
+
+    def slot(i):
+        return jax.tree.map(
+            lambda leaf: leaf[i] if _trees.carries_noise(leaf) else leaf,
+            ring,
+            is_leaf=_trees.is_stub,
+        )
+
+    return [slot(i) for i in range(num_slots)]
+
+
+def _by_slot(weights: jax.Array, newest: jax.Array, num_slots: int) -> jax.Array:
+    """Each slot's weight, where ``weights[j]`` is that of ``xi_{newest - j}``.
+
+    Slot ``i`` holds ``xi_m``, ``m = newest - ((newest - i) mod K)``; a slot
+    whose draw is older than ``weights`` reaches gets 0.
+    """
+    weights = jnp.asarray(weights)
+    padded = jnp.zeros([num_slots], weights.dtype).at[: weights.shape[0]].set(weights)
+    return padded[(newest - jnp.arange(num_slots)) % num_slots]
+
+
+def _written(ring: Any, new: Any, slot: jax.Array, positions: list[int]) -> Any:
+    """The ring with the new draw in ``slot``, in the ring's dtypes.
+
+    ``positions[i]`` is the ring entry that entry ``i`` of ``new`` is.
+    """
+    entries, treedef = _trees.entries(ring)
     drawn = [leaf for _, leaf in _trees.entries(new)[0]]
     index_of = {position: i for i, position in enumerate(positions)}
     return treedef.unflatten(
         [
-            drawn[index_of[j]].astype(leaf.dtype)
+            jax.lax.dynamic_update_index_in_dim(
+                leaf, drawn[index_of[j]].astype(leaf.dtype), slot, 0
+            )
             if _trees.carries_noise(leaf)
             else leaf
             for j, (_, leaf) in enumerate(entries)
@@ -402,8 +471,9 @@ def add_anticorrelated_noise(
     form of DP-:math:`\lambda`-CGD); :math:`c = 0` is independent noise.
 
     This is :func:`add_correlated_noise` with coefficients :math:`(1, -c)`;
-    its state stores the latest draw (``state.noise[0]``), or with
-    ``store_noise=False`` regenerates it from the key. ``correlation`` may be
+    its state stores the latest draw in a ring of two slots (``xi_m`` in slot
+    :math:`m \bmod 2`), or with ``store_noise=False`` regenerates it from the
+    key. ``correlation`` may be
     traced (``jax.vmap`` over it, or :func:`optax.inject_hyperparams`).
 
     Args:
@@ -430,7 +500,7 @@ def add_anticorrelated_noise(
       >>> opt = optax.chain(optax.sgd(0.1), ap.add_anticorrelated_noise(0.01, 0))
       >>> params = jnp.zeros(3)
       >>> state = opt.init(params)
-      >>> first = state[1].noise[0]  # xi_{-1}, drawn by init
+      >>> first = state[1].noise[1]  # xi_{-1}, drawn by init, in slot -1 mod 2
       >>> for _ in range(3):
       ...     updates, state = opt.update(jnp.ones(3), state)
       ...     params = optax.apply_updates(params, updates)
@@ -481,8 +551,8 @@ def add_fractional_noise(
     tabled in :func:`fractional_coefficients`). :math:`H = 1/2` is PGD's law,
     :math:`H < 1/2` anticorrelated (:math:`H \to 0`: Anti-PGD's), :math:`H >
     1/2` positively correlated. This is :func:`add_correlated_noise` with
-    those coefficients, and keeps :math:`K - 1` past draws (or regenerates
-    them with ``store_noise=False``).
+    those coefficients, and keeps :math:`K - 1` past draws in a ring of
+    :math:`K` slots (or regenerates them with ``store_noise=False``).
 
     Args:
       noise_std: The standard deviation :math:`\sigma`, a float :math:`\geq 0`
@@ -507,8 +577,8 @@ def add_fractional_noise(
       >>> opt = optax.chain(optax.sgd(0.1), noise)
       >>> state = opt.init(jnp.zeros(3))
       >>> updates, state = opt.update(jnp.ones(3), state)
-      >>> len(state[1].noise)  # the 7 past draws of an 8-tap filter
-      7
+      >>> state[1].noise.shape  # a ring of 8 slots: xi_0 and the 7 before it
+      (8, 3)
 
     References:
       Lucchi et al, `On the Theoretical Properties of Noise Correlation in
@@ -583,7 +653,7 @@ def denoised_params(opt_state: optax.OptState, params: optax.Params) -> optax.Pa
       >>> state = opt.init(params)
       >>> # init drew xi_{-1}: the noise-free iterate starts at w_0 - xi_{-1}.
       >>> clean = ap.denoised_params(state, params)
-      >>> bool(jnp.all(clean["w"] == -state[1].noise[0]["w"]))
+      >>> bool(jnp.all(clean["w"] == -state[1].noise["w"][1]))  # slot -1 mod 2
       True
     """
     states = _noise_states(opt_state)
@@ -608,21 +678,42 @@ def denoised_params(opt_state: optax.OptState, params: optax.Params) -> optax.Pa
 def _denoised(state: CorrelatedNoiseState, params: Any, masked: bool) -> Any:
     _check_law(state)
     num_past = state.coefficients.shape[-1] - 1
-    if num_past and not state.noise and masked:
+    reference = _slot(state)
+    if num_past and reference is None and masked:
         raise ValueError(
             "denoised_params cannot tell which leaves optax.masked excluded from "
             "the noise of a store_noise=False state; use store_noise=True."
         )
     if not num_past:
         return params  # one tap: nothing in flight, whatever the tree
-    positions = _trees.match(state.noise, state.digest, params, "params", dtypes=True)
-    past = state.noise or _regenerated(state, params)
-    in_flight = jnp.cumsum(state.coefficients)[:num_past]
-    return _apply_filter(params, -in_flight, past, [positions] * num_past)
+    positions = _trees.match(reference, state.digest, params, "params", dtypes=True)
+    in_flight = jnp.cumsum(state.coefficients)[:num_past]  # of xi_{n-1}, ...
+    if reference is None:
+        steps = [state.count - lag for lag in range(1, num_past + 1)]
+        past = _regenerated(state, steps, params)
+    else:
+        in_flight = _by_slot(in_flight, state.count - 1, num_past + 1)
+        past = _slots(state.noise, num_past + 1)
+    return _apply_filter(params, -in_flight, past, [positions] * len(past))
 
 
-def _regenerated(state: CorrelatedNoiseState, tree: Any) -> list[Any]:
-    """The past draws of a ``store_noise=False`` state, in ``tree``'s dtypes.
+def _slot(state: CorrelatedNoiseState) -> Any | None:
+    """One slot of the stored ring, as shapes: init's tree; None if none is stored."""
+    if isinstance(state.noise, tuple) and not state.noise:
+        return None
+    return jax.tree.map(
+        lambda leaf: (
+            jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype)
+            if _trees.carries_noise(leaf)
+            else leaf
+        ),
+        state.noise,
+        is_leaf=_trees.is_stub,
+    )
+
+
+def _regenerated(state: CorrelatedNoiseState, steps: list[Any], tree: Any) -> list[Any]:
+    """The draws at ``steps`` of a ``store_noise=False`` state, in ``tree``'s dtypes.
 
     The key impl, distribution and leaves are read from the state's codes.
     Under ``jax.jit`` (traced codes) each (impl, distribution) whose key has
@@ -630,9 +721,7 @@ def _regenerated(state: CorrelatedNoiseState, tree: Any) -> list[Any]:
     leaves code is applied as data (cyclic leaves zero the rows of the
     leaves that did not draw), so it costs no branch.
     """
-    num_past = state.coefficients.shape[-1] - 1
-    steps = [state.count - lag for lag in range(1, num_past + 1)]
-    scales = [state.noise_std[s] for s in range(num_past)]
+    scales = [state.noise_std[s] for s in range(len(steps))]
     impls = {code: impl for impl, code in IMPL_CODES.items()}
     distributions = {code: d for d, code in DISTRIBUTION_CODES.items()}
 

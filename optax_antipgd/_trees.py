@@ -59,14 +59,14 @@ def carries_noise(leaf: Any) -> bool:
     return leaf is not None and not isinstance(leaf, optax.MaskedNode)
 
 
-def _is_stub(node: Any) -> bool:
+def is_stub(node: Any) -> bool:
     """A node with no leaves that marks a place: ``None`` or ``optax.MaskedNode``."""
     return node is None or isinstance(node, optax.MaskedNode)
 
 
 def entries(tree: Any) -> tuple[list[tuple[tuple[Any, ...], Any]], Any]:
     """``(normalized path, leaf)`` of every leaf, ``None`` and ``MaskedNode``."""
-    paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_stub)
+    paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_stub)
     return [(_keys.normalized_path(path), leaf) for path, leaf in paths_leaves], treedef
 
 
@@ -79,7 +79,7 @@ def _describe(leaf: Any) -> str:
 
 
 def _shape(leaf: Any) -> str:
-    return _describe(leaf) if _is_stub(leaf) else str(list(jnp.shape(leaf)))
+    return _describe(leaf) if is_stub(leaf) else str(list(jnp.shape(leaf)))
 
 
 def digest(tree: Any) -> np.ndarray:
@@ -133,9 +133,9 @@ def align(reference: Any, tree: Any, what: str, *, dtypes: bool) -> list[int]:
                 continue
         positions.append(index)
         expected = reference_entries[index][1]
-        if leaf is None and not _is_stub(expected):
+        if leaf is None and not is_stub(expected):
             mismatched.append((path, _describe(leaf), _describe(expected)))
-        elif not _is_stub(expected) and not _is_stub(leaf):
+        elif not is_stub(expected) and not is_stub(leaf):
             same = (
                 jnp.shape(leaf) == jnp.shape(expected)
                 and is_float(leaf) == is_float(expected)
@@ -171,7 +171,7 @@ def _wrong_tree(what: str, problems: list[str]) -> ValueError:
 
 
 def match(
-    stored: tuple[Any, ...],
+    reference: Any | None,
     state_digest: jax.Array,
     tree: Any,
     what: str,
@@ -180,17 +180,18 @@ def match(
 ) -> list[int]:
     """Refuses ``tree`` unless it is the tree ``init`` saw; returns its positions.
 
-    With ``stored`` noise, ``tree``'s entries are matched by path to the
-    entries of ``stored[0]`` (:func:`align`). Without, ``tree``'s digest must
-    equal ``state_digest``; under ``jax.jit`` a conditional calls back to the
-    host only when they differ, so a right tree costs one compare
+    With a ``reference`` (a tree of arrays or ``jax.ShapeDtypeStruct`` laid
+    out as init's tree: a slot of the stored noise), ``tree``'s entries are
+    matched by path to its entries (:func:`align`). Without, ``tree``'s digest
+    must equal ``state_digest``; under ``jax.jit`` a conditional calls back to
+    the host only when they differ, so a right tree costs one compare
     (:func:`_check_on_host`).
 
     Raises:
       ValueError: Naming what differs (or, from a digest, that it differs).
     """
-    if stored:
-        return align(stored[0], tree, what, dtypes=dtypes)
+    if reference is not None:
+        return align(reference, tree, what, dtypes=dtypes)
     expected = digest(tree)
     if not isinstance(state_digest, jax.core.Tracer):
         if not np.array_equal(np.asarray(state_digest), expected):

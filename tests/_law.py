@@ -15,6 +15,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 import optax_antipgd as ap
 
@@ -208,3 +209,30 @@ def assert_equal_up_to_rounding(actual, expected, ulps=2):
         np.testing.assert_allclose(
             np.asarray(a, np.float64), e64, rtol=0, atol=ulps * ulp
         )
+
+
+def past_draws(state) -> list[Any]:
+    """``xi_{n-1}, ..., xi_{n-K+1}`` of a stored state, read as documented.
+
+    ``state.noise`` is a tree like the params whose float leaves are rings
+    ``[K, *shape]``, slot ``m mod K`` holding ``xi_m``; ``[]`` when nothing is
+    stored (one tap, or ``store_noise=False``).
+    """
+    num_taps = state.coefficients.shape[-1]
+    if isinstance(state.noise, tuple) and not state.noise:
+        return []
+    n = int(state.count)
+    is_stub = lambda x: x is None or isinstance(x, optax.MaskedNode)  # noqa: E731
+
+    def draw(m):
+        def take(ring):
+            assert is_stub(ring) or ring.shape[0] == num_taps, ring.shape
+            return ring if is_stub(ring) else ring[m % num_taps]
+
+        return jax.tree.map(
+            take,
+            state.noise,
+            is_leaf=is_stub,
+        )
+
+    return [draw(n - lag) for lag in range(1, num_taps)]

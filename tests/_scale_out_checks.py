@@ -120,18 +120,22 @@ def has_stored_noise(state):
     return any(jax.tree.leaves(s.noise) for s in noise_states(state))
 
 
+def ring_sharding(sharding):
+    """The sharding of a ring of past draws, ``[slots, *param.shape]``: each
+    slot sharded like the param."""
+    return NamedSharding(sharding.mesh, P(None, *sharding.spec))
+
+
 def state_shardings(state_shapes, shardings, replicated):
-    """Shardings for an optimizer state: every slot of the ring like the params."""
+    """Shardings for an optimizer state: the ring of past draws like the params."""
 
     def of_node(node):
         if _is_noise_state(node):
-            ring = tuple(
-                jax.tree.map(lambda _, sharding: sharding, slot, shardings)
-                for slot in node.noise
-            )
-            return jax.tree.map(lambda _: replicated, node._replace(noise=()))._replace(
-                noise=ring
-            )
+            small = jax.tree.map(lambda _: replicated, node._replace(noise=()))
+            if isinstance(node.noise, tuple) and not node.noise:
+                return small
+            ring = jax.tree.map(lambda _, sh: ring_sharding(sh), node.noise, shardings)
+            return small._replace(noise=ring)
         return jax.tree.map(lambda _: replicated, node)
 
     return jax.tree.map(of_node, state_shapes, is_leaf=_is_noise_state)
@@ -349,9 +353,8 @@ def check_sharded_jit_output_shardings_equal_params_shardings(name):
 def _assert_state_noise_sharded_like_params(state, shardings, what):
     if has_stored_noise(state):
         for noise_state in noise_states(state):
-            assert noise_state.noise, what
-            for slot, noise in enumerate(noise_state.noise):
-                _assert_sharded_like(noise, shardings, f"{what}, ring slot {slot}")
+            rings = jax.tree.map(ring_sharding, shardings)
+            _assert_sharded_like(noise_state.noise, rings, f"{what}, stored noise")
     else:
         # No stored noise (pgd, store_noise=False): nothing params-sized at all.
         for leaf in jax.tree.leaves(state):
@@ -431,14 +434,11 @@ def check_init_on_shape_dtype_structs_via_eval_shape(name):
     state = opt.init(make_params())
     assert jax.tree.structure(shapes) == jax.tree.structure(state)
     for noise_state in noise_states(shapes) if has_stored_noise(shapes) else []:
-        for noise in noise_state.noise:  # every slot of the ring
-            jax.tree.map(
-                lambda noise, p: (
-                    (noise.shape, noise.dtype) == (p.shape, p.dtype) or 1 / 0
-                ),
-                noise,
-                structs,
-            )
+        jax.tree.map(  # a ring [slots, *shape] per float leaf
+            lambda ring, p: (ring.shape[1:], ring.dtype) == (p.shape, p.dtype) or 1 / 0,
+            noise_state.noise,
+            structs,
+        )
 
 
 def check_init_under_jit_with_out_shardings(name):
@@ -456,11 +456,18 @@ def check_state_shardings_from_optax_tree_map_params(name):
     replicated = NamedSharding(mesh, P())
     params = jax.device_put(make_params(), shardings)
     shapes = jax.eval_shape(opt.init, params)
+
+    def like_param(leaf, sharding, param):  # the recipe of docs/scale_out.md
+        # The ring of past draws is [slots, *param.shape]: each slot like the param.
+        leading = (None,) * (leaf.ndim - param.ndim)
+        return NamedSharding(sharding.mesh, P(*leading, *sharding.spec))
+
     state_sh = optax.tree_utils.tree_map_params(
         opt,
-        lambda _, sharding: sharding,
+        like_param,
         shapes,
         shardings,
+        params,
         transform_non_params=lambda _: replicated,
     )
     state = jax.jit(opt.init, out_shardings=state_sh)(params)

@@ -342,7 +342,7 @@ RESUME_SHARDED = """
         for leaf, s in pairs:
             assert leaf.sharding.is_equivalent_to(s, leaf.ndim), (leaf.sharding, s)
         if store_noise:
-            noise = restored["opt_state"][-1].noise[0]["dense"]["w"]
+            noise = restored["opt_state"][-1].noise["dense"]["w"]  # its ring
             assert len(noise.sharding.device_set) == 8
         resumed = t.run(step, restored["params"], restored["opt_state"],
                         t.TOTAL_STEPS - t.SAVE_AT)

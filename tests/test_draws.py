@@ -275,7 +275,7 @@ def test_switched_off_anti_pgd_cancels_the_last_noise_then_adds_nothing(
     if store_noise:
         # The stored xi_1 is subtracted as it is: exact.
         _assert_bitwise_equal(emitted[2], cancel)
-        assert all(bool(jnp.all(x == 0)) for x in jax.tree.leaves(state[1].noise[0]))
+        assert all(bool(jnp.all(x == 0)) for x in jax.tree.leaves(state[1].noise))
     else:
         # Regenerated inside the update, the draw fuses with the subtraction, and
         # XLA may contract them into one FMA: equal to within an ulp of xi_1.

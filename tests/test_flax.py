@@ -13,6 +13,7 @@ from flax import nnx
 from flax.training import train_state
 
 import optax_antipgd as ap
+from tests._law import past_draws
 
 LEARNING_RATE = 0.05
 NUM_STEPS = 40
@@ -80,9 +81,10 @@ def test_nnx_optimizer_trains_under_nnx_jit(store_noise):
     assert isinstance(noise_state, ap.AnticorrelatedNoiseState)
     assert int(noise_state.count) == NUM_STEPS
     # wrt=nnx.Param: only the parameters carry noise, not the batch statistics.
-    # Anti-PGD's ring is one slot, xi_n; store_noise=False keeps none.
-    assert len(noise_state.noise) == (1 if store_noise else 0)
-    for noise in noise_state.noise:
+    # Anti-PGD keeps one past draw, xi_{n-1}; store_noise=False keeps none.
+    past = past_draws(noise_state)
+    assert len(past) == (1 if store_noise else 0)
+    for noise in past:
         chex.assert_trees_all_equal_shapes(noise, params_of(model))
     # The whole model state (batch statistics included) is not the tree init
     # saw: refused in both store modes, never answered with other noise.
@@ -120,23 +122,24 @@ def test_nnx_fractional_pgd_keeps_a_ring_of_params_and_follows_its_law():
     noise_state = nnx.as_pure(optimizer.opt_state)[-1]
     assert isinstance(noise_state, ap.CorrelatedNoiseState)
     assert int(noise_state.count) == NUM_STEPS
-    assert len(noise_state.noise) == num_taps - 1
-    for noise in noise_state.noise:
+    ring_before = past_draws(noise_state)  # xi_{n-1}, ..., xi_{n-7}
+    assert len(ring_before) == num_taps - 1
+    for noise in ring_before:
         chex.assert_trees_all_equal_shapes_and_dtypes(noise, params_of(model))
     coefficients = ap.fractional_coefficients(hurst, num_taps)
     np.testing.assert_array_equal(
         noise_state.coefficients, coefficients.astype(np.float32)
     )
 
-    before, ring_before = params_of(model), noise_state.noise
+    before = params_of(model)
     denoised = nnx_denoised(model, optimizer)
     _, grads = nnx_train_step(model, optimizer, *make_data())
     grads = nnx.as_pure(grads)
-    ring_after = nnx.as_pure(optimizer.opt_state)[-1].noise
-    # The stored draws shift by one, newest first: at n = NUM_STEPS the
-    # update drew xi_n into slot 0, and xi_{n-7} (the oldest) left.
-    for slot in range(1, num_taps - 1):
-        chex.assert_trees_all_equal(ring_after[slot], ring_before[slot - 1])
+    ring_after = past_draws(nnx.as_pure(optimizer.opt_state)[-1])
+    # At n = NUM_STEPS the update drew xi_n; the state keeps it and the draws
+    # before it, and xi_{n-7} (the oldest) leaves the filter.
+    for lag in range(1, num_taps - 1):
+        chex.assert_trees_all_equal(ring_after[lag], ring_before[lag - 1])
     # A fresh draw: xi_n - xi_{n-1} has norm sigma * sqrt(2 * size).
     size = sum(leaf.size for leaf in jax.tree.leaves(before))
     fresh = jax.tree.map(jnp.subtract, ring_after[0], ring_before[0])

@@ -16,12 +16,14 @@ import pytest
 
 import optax_antipgd as ap
 from optax_antipgd import _filters
+from tests._law import CORRELATED
 from tests._law import MEMBERS
 from tests._law import SIGMA
 from tests._law import TREE
 from tests._law import ZERO_SUM
 from tests._law import assert_equal_up_to_rounding
 from tests._law import floats
+from tests._law import past_draws
 from tests._law import perturbations
 from tests._law import reference_noise
 from tests._law import reference_updates
@@ -198,9 +200,8 @@ def test_with_noise_off_and_nothing_in_flight_a_step_adds_nothing(name):
     off = optax.constant_schedule(0.0)
     updates, state = run(member.make(off, 0), TREE, 3, grads=GRADS.__getitem__)
     chex.assert_trees_all_equal(updates, GRADS[:3])
-    for past in state.noise:
-        for leaf in floats(past):
-            np.testing.assert_array_equal(leaf, 0)
+    for leaf in floats(state.noise):  # every slot of the ring
+        np.testing.assert_array_equal(leaf, 0)
     np.testing.assert_array_equal(state.noise_std, 0.0)
 
 
@@ -209,7 +210,7 @@ def test_a_schedule_starting_at_zero_draws_zero_pre_history():
         optax.linear_schedule(0.0, 1.0, 10), 0, hurst=0.3
     )
     state = transform.init(jnp.zeros(10))
-    for past in state.noise:
+    for past in past_draws(state):
         np.testing.assert_array_equal(past, 0.0)
     np.testing.assert_array_equal(state.noise_std, 0.0)
 
@@ -324,7 +325,7 @@ def test_antipgd_perturbations_telescope_to_the_last_minus_the_first_noise(
     stored = ap.add_anticorrelated_noise(SIGMA, 3)  # its state holds xi_{n-1}
     params = jnp.zeros(1000)
     state, stored_state = transform.init(params), stored.init(params)
-    noise_0 = stored_state.noise[0]
+    (noise_0,) = past_draws(stored_state)
     total = jnp.zeros_like(params)
     update, stored_update = jax.jit(transform.update), jax.jit(stored.update)
     for _ in range(20):
@@ -332,7 +333,8 @@ def test_antipgd_perturbations_telescope_to_the_last_minus_the_first_noise(
         _, stored_state = stored_update(jnp.zeros_like(params), stored_state)
         total = total + updates
     # Sums of 20 float32 differences of terms of size ~1: rounding only.
-    np.testing.assert_allclose(total, stored_state.noise[0] - noise_0, atol=1e-6)
+    (last,) = past_draws(stored_state)
+    np.testing.assert_allclose(total, last - noise_0, atol=1e-6)
 
 
 def test_rademacher_noise_is_exactly_plus_minus_sigma():
@@ -425,7 +427,7 @@ def test_denoised_params_of_a_filter_not_summing_to_zero_removes_the_noise_in_fl
     for _ in range(3):
         _, state = transform.update(jnp.zeros_like(params), state)
     chex.assert_trees_all_equal(
-        ap.denoised_params(state, params), params - state.noise[0]
+        ap.denoised_params(state, params), params - past_draws(state)[0]
     )
 
 
@@ -562,11 +564,11 @@ def test_correlation_can_change_mid_run_under_inject_hyperparams():
     update = jax.jit(opt.update)
     for correlation in (1.0, 0.5, 0.0, 0.25):
         state.hyperparams["correlation"] = jnp.asarray(correlation)
-        previous = draws_state.noise[0]
+        (previous,) = past_draws(draws_state)
         updates, state = update(jnp.zeros_like(params), state)
         _, draws_state = draws.update(jnp.zeros_like(params), draws_state)
         # u + xi_n - c_n xi_{n-1}, with the c of this step.
-        expected = draws_state.noise[0] - correlation * previous
+        expected = past_draws(draws_state)[0] - correlation * previous
         np.testing.assert_allclose(updates, expected, rtol=0, atol=1e-7)
 
 
@@ -656,7 +658,11 @@ def test_every_field_of_the_state_is_a_plain_array_of_the_documented_shape(name)
     np.testing.assert_allclose(state.coefficients, member.coefficients, rtol=1e-7)
     assert state.noise_std.shape == (max(num_taps - 1, 1),)
     stored = member.store_noise and num_taps > 1
-    assert len(state.noise) == (num_taps - 1 if stored else 0)
+    if stored:  # a ring: slot m mod K of each float leaf holds xi_m
+        assert state.noise["w"].shape == (num_taps, 3, 2)
+        assert state.noise["i"] is None
+    else:
+        assert state.noise == ()
     codes = (
         1,
         1,
@@ -671,6 +677,27 @@ def test_every_field_of_the_state_is_a_plain_array_of_the_documented_shape(name)
     chex.assert_trees_all_equal(
         transform.update(params, state)[0], transform.update(params, restored)[0]
     )
+
+
+@pytest.mark.parametrize("name", [n for n in CORRELATED if MEMBERS[n].store_noise])
+@pytest.mark.parametrize("num_steps", [0, 1, 5, 11])
+def test_the_stored_ring_holds_xi_m_in_slot_m_mod_k(name, num_steps):
+    # The checkpoint format: the past draws, each where the docs say it is.
+    member = MEMBERS[name]
+    key = jax.random.key(3)
+    _, state = run(member.make(SIGMA, key), TREE, num_steps)
+    past = past_draws(state)
+    assert len(past) == len(member.coefficients) - 1
+    for lag, draw in enumerate(past, start=1):
+        expected = reference_noise(
+            key,
+            num_steps - lag,
+            TREE,
+            SIGMA,
+            member.distribution,
+            member.leaves == "cyclic",
+        )
+        chex.assert_trees_all_equal(draw, expected)
 
 
 def test_the_codes_a_state_records_never_change_meaning():
@@ -705,7 +732,10 @@ def test_updates_and_stored_noise_keep_the_params_dtype(name, dtype):
     updates, new_state = jax.jit(transform.update)(params, state, params)
     chex.assert_trees_all_equal_dtypes(updates, params)
     chex.assert_trees_all_equal_shapes_and_dtypes(state, new_state)
-    for past in state.noise:
+    assert len(past_draws(state)) == (len(MEMBERS[name].coefficients) - 1) * (
+        MEMBERS[name].store_noise
+    )
+    for past in past_draws(state):
         chex.assert_trees_all_equal_dtypes(past, params)
 
 
@@ -752,7 +782,8 @@ def test_denoising_skips_masked_leaves_of_a_stored_state():
     state = opt.init(params)
     denoised = ap.denoised_params(state, params)
     chex.assert_trees_all_equal(denoised["frozen"], params["frozen"])
-    np.testing.assert_array_equal(denoised["w"], -state.inner_state.noise[0]["w"])
+    (previous,) = past_draws(state.inner_state)
+    np.testing.assert_array_equal(denoised["w"], -previous["w"])
 
 
 def test_denoising_refuses_a_masked_state_that_does_not_store_the_noise():
@@ -884,7 +915,7 @@ def test_stored_noise_refuses_an_int_leaf_where_init_saw_a_float(name):
     transform = MEMBERS[name].make(0.5, 0)
     state = transform.init(params)
     wrong = {**params, "b": jnp.zeros(3, jnp.int32)}
-    if state.noise:
+    if past_draws(state):
         with pytest.raises(ValueError, match=WRONG):
             transform.update(wrong, state)
 

@@ -14,6 +14,8 @@ import optax
 import pytest
 
 import optax_antipgd as ap
+from tests._law import assert_equal_up_to_rounding
+from tests._law import past_draws
 
 # Each example builds a new tree, hence new traces: keep the count modest.
 # Derandomized, so that CI runs the same examples every time.
@@ -103,14 +105,22 @@ NOISE = {
         std, key, hurst=HURST, distribution=dist, store_noise=False
     ),
 }
-# The K - 1 params-like trees the state of each stored kind keeps; the other
-# correlated kinds keep none (an empty ring).
-STORED_SLOTS = {
+# The K - 1 past draws the state of each stored kind keeps (in a ring); the
+# other correlated kinds keep none.
+STORED_PAST = {
     "anticorrelated_stored": 1,
     "anticorrelated_cyclic": 1,
     "correlated_3tap": 2,
     "fractional_stored": 7,
 }
+
+
+def num_stored(num_past, tree):
+    """The past draws a stored state shows: K - 1, but none for the empty
+    tree, whose ring is () like that of a state that stores none."""
+    return 0 if isinstance(tree, tuple) and not tree else num_past
+
+
 CORRELATED = {
     "anticorrelated_stored",
     "anticorrelated_regenerated",
@@ -177,10 +187,11 @@ def test_updates_keep_structure_shapes_and_dtypes(tree, kind, distribution):
     # The state keeps its structure, shapes and dtypes: lax.scan can carry it.
     assert_same_structure_shapes_dtypes(last_state, state)
     if kind in CORRELATED:
-        # A ring of K - 1 trees like the float leaves of the params, or none.
-        assert len(last_state.noise) == STORED_SLOTS.get(kind, 0)
+        # K - 1 past draws like the float leaves of the params, or none.
+        past = past_draws(last_state)
+        assert len(past) == num_stored(STORED_PAST.get(kind, 0), tree)
         expected_noise = jax.tree.map(lambda x: x if is_float(x) else None, tree)
-        for noise in last_state.noise:
+        for noise in past:
             assert_same_structure_shapes_dtypes(noise, expected_noise)
 
 
@@ -207,8 +218,8 @@ def test_zero_noise_is_the_identity(tree, kind, distribution):
     for updates in all_updates:
         chex.assert_trees_all_equal(updates, tree)
         chex.assert_trees_all_equal_dtypes(updates, tree)
-    if kind in STORED_SLOTS:
-        assert len(state.noise) == STORED_SLOTS[kind]
+    if kind in STORED_PAST:
+        assert len(past_draws(state)) == num_stored(STORED_PAST[kind], tree)
         for noise in jax.tree.leaves(state.noise):  # every slot of the ring
             np.testing.assert_array_equal(noise, np.zeros_like(noise))
 
@@ -236,8 +247,8 @@ def test_same_key_gives_the_same_updates(tree, kind, distribution, seed):
 
 
 # The filters of the family with a ring to keep (K > 1), by coefficients. The
-# fractional filter with 4 taps: a ring of 3 wraps like the default ring of 7
-# in half the eager steps (each example runs K + 1 of them, in both modes).
+# fractional filter with 4 taps: a ring of 4 slots wraps like the default ring
+# of 8 in half the eager steps (each example runs K + 1 of them, in both modes).
 FILTERS = {
     "anticorrelated": (1.0, -1.0),
     "partially_anticorrelated": (1.0, -0.5),
@@ -273,19 +284,21 @@ def test_store_modes_agree(tree, filter_name, leaves, distribution, schedule):
 
     stored, stored_state = run_updates(make(True), tree, num_steps)
     regenerated, regenerated_state = run_updates(make(False), tree, num_steps)
-    assert len(stored_state.noise) == len(coefficients) - 1
+    assert len(past_draws(stored_state)) == num_stored(len(coefficients) - 1, tree)
     assert regenerated_state.noise == ()
-    # Both compute the same expressions from the same draws, in the same order
-    # and dtypes (the regenerated draw is cast to the update's dtype, which is
-    # the params' here, as the stored one is): exactly equal.
-    chex.assert_trees_all_equal(regenerated, stored)
+    # The same draws with the same weights, in the params' dtypes; the stored
+    # ring sums them in slot order, the regenerated draws in lag order, so the
+    # last bit may differ (exactly equal for two taps, where the orders agree).
+    assert_equal_up_to_rounding(regenerated, stored)
     chex.assert_trees_all_equal_dtypes(regenerated, stored)
     # ... and so is the noise-free iterate, subtracted from the stored ring or
     # from the draws regenerated from the key.
-    chex.assert_trees_all_equal(
+    assert_equal_up_to_rounding(
         ap.denoised_params(regenerated_state, tree),
         ap.denoised_params(stored_state, tree),
     )
+    if len(coefficients) <= 2:
+        chex.assert_trees_all_equal(regenerated, stored)
 
 
 @pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
@@ -320,7 +333,7 @@ def test_cyclic_leaves_draw_one_float_leaf_per_step_in_tree_order(
     update = jax.jit(transform.update)
     state = transform.init(zeros)
     if anticorrelated:
-        assert drawn_leaves(state.noise[0]) == {num_leaves - 1} & shown
+        assert drawn_leaves(past_draws(state)[0]) == {num_leaves - 1} & shown
     for n in range(num_leaves + 2):
         updates, state = update(zeros, state)
         for index, (leaf, update_leaf) in enumerate(
@@ -336,7 +349,7 @@ def test_cyclic_leaves_draw_one_float_leaf_per_step_in_tree_order(
             assert drawn_leaves(updates) == {active} & shown, n
             continue
         previous = (n - 1) % num_leaves
-        assert drawn_leaves(state.noise[0]) == {active} & shown, n
+        assert drawn_leaves(past_draws(state)[0]) == {active} & shown, n
         # With one leaf both draws land on it and may cancel elementwise.
         if num_leaves > 1:
             assert drawn_leaves(updates) == {active, previous} & shown, n
@@ -378,8 +391,9 @@ LONG_RUN_STEPS = 100_000
 def test_100k_steps_under_scan_keep_the_noise_statistics(kind, distribution):
     # z_n of a 64-element leaf for n = 0 .. 100k: every draw must be fresh
     # (no stream reuse as the counter grows), standardised and uncorrelated
-    # with the draws before it, near and far. Stored kinds: update n puts
-    # xi_n first and shifts the older draws by one slot, the oldest leaving.
+    # with the draws before it, near and far. Stored kinds: update n writes
+    # xi_n into slot n mod R of the ring and leaves the other slots as they
+    # were.
     #
     # A real scan of 100k steps, not one update vmapped over states built at
     # chosen counts: the scan takes 1 to 2 s a case on CPU (about 10 us a
@@ -389,17 +403,17 @@ def test_100k_steps_under_scan_keep_the_noise_statistics(kind, distribution):
     noise_std = 0.5
     transform = NOISE[kind](noise_std, 7, distribution)
     leaf = jnp.zeros(64)
-    num_slots = STORED_SLOTS.get(kind, 0)
+    stored = kind in STORED_PAST
 
     def step(state, _):
         updates, new_state = transform.update(leaf, state)
-        if not num_slots:
+        if not stored:
             return new_state, (updates, True)
-        others_kept = jnp.asarray(True)
-        for slot in range(1, num_slots):
-            kept = jnp.all(new_state.noise[slot] == state.noise[slot - 1])
-            others_kept &= kept
-        return new_state, (new_state.noise[0], others_kept)
+        ring, old = new_state.noise, state.noise
+        slot = state.count % ring.shape[0]
+        written = (jnp.arange(ring.shape[0]) == slot)[:, None]
+        others_kept = jnp.all(written | (ring == old))
+        return new_state, (ring[slot], others_kept)
 
     state, (draws, others_kept) = jax.jit(
         lambda: jax.lax.scan(step, transform.init(leaf), length=LONG_RUN_STEPS)

@@ -256,9 +256,9 @@ def test_two_processes_end_bit_identical_and_equal_one_process_run(tmp_path):
     exact = [
         name for name in first if "/noise[" in name or "/noise_only/params[" in name
     ]
-    # 4 leaves: their noise-only params, and the stored noise: 1 slot for
-    # anti_pgd (both runs), 7 for the 8-tap fractional_pgd, none for pgd.
-    assert len(exact) == 3 * 4 + (4 + 7 * 4) + 4, sorted(first)
+    # 4 leaves: their noise-only params, and the stored noise, a ring per
+    # leaf for anti_pgd (both runs) and the 8-tap fractional_pgd, none for pgd.
+    assert len(exact) == 3 * 4 + 3 * 4, sorted(first)
     for name in exact:
         np.testing.assert_array_equal(first[name], single[name], err_msg=name)
         if "/trained/noise[" in name:
